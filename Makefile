@@ -1,0 +1,32 @@
+# The two set-up commands of the README. Both work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+# A virtual environment with citer installed. torch first (its CPU wheel), then deepspeed
+# without build isolation (its build imports torch), then citer with everything pinned.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed==0.19.8
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/citer build-demo
+	$(BIN)/citer eval jobs/configs/demo.yaml
+
+# pytest exits 5 when it collects no test: a broken suite, so fail loudly.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .citer runs .pytest_cache

@@ -1,0 +1,102 @@
+"""`citer ...`: the command line. Each subcommand is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline import CiterError, __version__
+from pipeline.config import Config, DemoConfig, load_config
+
+log = logging.getLogger("citer")
+
+OVERRIDES_HELP = "config overrides as KEY.SUB=VALUE, e.g. eval.n_examples=100 models.device=cuda"
+
+
+def load_job_config(path: str, overrides: list[str]) -> Config:
+    """Load a config and, when it names a demo world, build that world first if it is absent."""
+    cfg = load_config(path, overrides)
+    if cfg.demo is not None:
+        from pipeline.demo import ensure_demo_world
+
+        ensure_demo_world(cfg.demo)
+    return cfg
+
+
+def cmd_build_demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import build_demo_world, ensure_demo_world, is_built
+
+    cfg = DemoConfig(out=args.out, seed=args.seed)
+    if is_built(cfg.out) and not args.force:
+        log.info("demo world already built at %s (use --force to rebuild)", cfg.out)
+        world = ensure_demo_world(cfg)
+    else:
+        world = build_demo_world(cfg)
+    print(f"demo world: {cfg.out}")
+    print(f"  SLM accuracy {100 * world['slm']['eval_accuracy']:.1f}%  LLM accuracy "
+          f"{100 * world['llm']['eval_accuracy']:.1f}%  (on {world['n_eval']} held-out problems)")
+    print(f"  LLM/SLM FLOPs per token: {world['llm_slm_flops_ratio']:.1f}x")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import format_table, run_eval
+
+    cfg = load_job_config(args.config, args.overrides)
+    out = Path(args.out or Path(cfg.storage) / cfg.name / "eval")
+    result = run_eval(cfg, out)
+    print(format_table(result["points"]))
+    print(f"wrote {out / 'eval.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="citer",
+        description="Train and evaluate CITER token-level routers between a small and a large LM.",
+    )
+    parser.add_argument("--version", action="version", version=f"citer {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-demo", help="build the demo world (synthetic task + tiny SLM/LLM pair)",
+                       description="Build the demo world: a synthetic addition task in GSM8K format and a tiny "
+                                   "Llama SLM/LLM pair trained on CPU, saved in the Hugging Face format. "
+                                   "Reuses an existing build unless --force.")
+    p.add_argument("--out", default=DemoConfig.out, help="directory to build into (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    p.set_defaults(func=cmd_build_demo)
+
+    p = sub.add_parser("eval", help="evaluate on the held-out split and write eval.json",
+                       description="Evaluate the SLM alone and the LLM alone on the held-out split; write "
+                                   "DIR/eval.json and print a table.")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--out", help="output directory (default: STORAGE/NAME/eval)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise in job logs
+    try:
+        args.func(args)
+    except CiterError as e:
+        print(f"citer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("citer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Typed configuration: one frozen dataclass per stage, loaded from YAML with dotted overrides.
+
+Every field is checked on load: an unknown key, a value of the wrong type, a value outside its
+allowed set or range, or a missing required value raises `CiterError` naming the key and where
+it came from (the YAML file or the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import CiterError
+
+
+def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None,
+       range: tuple | None = None, factory: Any = None) -> Any:
+    """A dataclass field with validation metadata (allowed choices, inclusive numeric range)."""
+    meta = {"choices": choices, "range": range}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsConfig:
+    """The SLM/LLM pair. Names are hub ids or local directories in the Hugging Face format."""
+
+    slm: str
+    llm: str
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    device: str = _f("cpu", choices=("cpu", "cuda", "auto"))
+    trust_remote_code: bool = False  # only ever on when the user asks for it
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """Where the examples come from and how they are scored.
+
+    `train_path`/`eval_path` are local .json/.jsonl/.parquet files, or a `datasets` name (hub id
+    or local dataset folder) read with `subset` and the split names.
+    """
+
+    format: str = _f("gsm8k", choices=("gsm8k", "math", "mcq"))
+    train_path: str
+    eval_path: str
+    subset: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    fields: dict[str, str] = _f(factory=dict)  # canonical field -> column name in the data
+    prompt_template: str | None = None  # default per format; `{question}` is filled in
+    strip_calculator: bool = True  # drop GSM8K's `<<48/2=24>>` annotations from references
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """The demo world: a synthetic addition task and a tiny Llama SLM/LLM pair built locally."""
+
+    out: str = ".citer/demo-world"
+    seed: int = 0
+    digits: int = _f(3, range=(1, 6))
+    n_train: int = _f(2000, range=(1, None))
+    n_eval: int = _f(500, range=(1, None))
+    slm_steps: int = _f(900, range=(0, None))  # at most; training stops early at the target accuracy
+    llm_steps: int = _f(600, range=(0, None))
+    batch_size: int = _f(64, range=(1, None))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """The router MLP: Linear(d, m1*d) -> BN -> ReLU -> Dropout -> ... -> Linear(., 1)."""
+
+    hidden_mults: list[float] = _f(factory=lambda: [2.0, 1.0])
+    dropout: float = _f(0.1, range=(0.0, 1.0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out evaluation: how many examples, generation length, threshold sweep."""
+
+    n_examples: int = _f(500, range=(1, None))
+    batch_size: int = _f(64, range=(1, None))
+    max_new_tokens: int = _f(128, range=(1, None))
+    thresholds: list[float] = _f(factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectConfig:
+    """The labelling stage (Ray Data actors holding both models)."""
+
+    threshold: float = _f(0.9, range=(0.0, 1.0))  # router threshold for rollouts, iteration >= 1
+    max_rollouts_per_example: int = _f(32, range=(0, None))
+    max_new_tokens: int = _f(128, range=(1, None))
+    batch_size: int = _f(16, range=(1, None))
+    num_actors: int = _f(1, range=(1, None))
+    num_cpus_per_actor: float = _f(1.0, range=(0.0, None))
+    num_gpus_per_actor: float = _f(0.0, range=(0.0, None))
+    n_examples: int | None = None  # cap on training examples; None = all
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    """The parts of the DeepSpeed config citer sets; `extra` is merged in verbatim."""
+
+    zero_stage: int = _f(0, range=(0, 3))
+    bf16: bool = False
+    grad_clip: float = _f(1.0, range=(0.0, None))
+    extra: dict[str, Any] = _f(factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The router-training stage (Ray Train + DeepSpeed)."""
+
+    num_workers: int = _f(2, range=(1, None))
+    cpus_per_worker: float = _f(1.0, range=(0.0, None))
+    gpus_per_worker: float = _f(0.0, range=(0.0, None))
+    batch_size_per_worker: int = _f(256, range=(1, None))
+    epochs: int = _f(10, range=(1, None))
+    lr: float = _f(1e-3, range=(0.0, None))
+    weight_decay: float = _f(0.01, range=(0.0, None))
+    patience: int = _f(3, range=(1, None))
+    val_fraction: float = _f(0.1, range=(0.0, 1.0))
+    class_weight: float | None = None  # weight of the minority class in the BCE; None = 1
+    warm_start: bool = False
+    max_failures: int = _f(2, range=(0, None))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """The driver: how many collect -> train -> evaluate iterations."""
+
+    iterations: int = _f(2, range=(1, None))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Weights & Biases. `mode` None defers to WANDB_MODE, and to offline when that is unset."""
+
+    project: str = "citer"
+    entity: str | None = None
+    group: str | None = None
+    mode: str | None = _f(None, choices=(None, "online", "offline", "disabled"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole citer job."""
+
+    name: str = "citer-run"
+    seed: int = 0
+    storage: str = "runs"  # parent of run directories; a local path or a pyarrow URI
+    models: ModelsConfig
+    task: TaskConfig
+    demo: DemoConfig | None = None  # when set, commands build the demo world first if absent
+    router: RouterConfig = _f(factory=RouterConfig)
+    eval: EvalConfig = _f(factory=EvalConfig)
+    collect: CollectConfig = _f(factory=CollectConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = _f(factory=DeepSpeedConfig)
+    loop: LoopConfig = _f(factory=LoopConfig)
+    tracking: TrackingConfig = _f(factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CiterError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CiterError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise CiterError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    overridden = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value, path)
+        overridden.add(key)
+    return from_dict(Config, data, source=str(path), overridden=overridden)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value read as YAML (so `3`, `0.5`, `null`, `[1, 2]` work)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise CiterError(f"override {item!r}: expected KEY.SUB=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any, path: Path) -> None:
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise CiterError(f"override {key}={value!r}: '{prefix}' in {path} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, *, source: str, prefix: str = "", overridden: set[str] = frozenset()) -> Any:
+    """Build dataclass `cls` from a plain mapping, checking keys, types, choices and ranges."""
+    where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+    if not isinstance(data, dict):
+        raise CiterError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise CiterError(
+                f"{_origin(source, prefix + str(key), overridden)}: unknown key '{prefix}{key}'{hint}; "
+                f"keys allowed under {where}: {', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for name, f in known.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CiterError(f"{source}: missing required key '{key}' ({_type_name(hints[name])})")
+            continue
+        kwargs[name] = _check(hints[name], data[name], key, _origin(source, key, overridden), overridden)
+        _check_meta(f, kwargs[name], key, _origin(source, key, overridden))
+    return cls(**kwargs)
+
+
+def _origin(source: str, key: str, overridden: set[str]) -> str:
+    if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden):
+        return f"{source} (with command-line override)"
+    return source
+
+
+def _check(tp: Any, value: Any, key: str, source: str, overridden: set[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, key, source, overridden)
+            except CiterError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise CiterError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, {} if value is None else value, source=source.split(" (")[0],
+                         prefix=key + ".", overridden=overridden)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise CiterError(f"{source}: key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_check(item_tp, v, f"{key}[{i}]", source, overridden) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise CiterError(f"{source}: key '{key}': expected a mapping, got {value!r}")
+        return {str(k): _check(val_tp, v, f"{key}.{k}", source, overridden) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise CiterError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _check_meta(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
+    if choices is not None and value not in choices:
+        allowed = ", ".join("null" if c is None else str(c) for c in choices)
+        raise CiterError(f"{source}: key '{key}': {value!r} is not one of: {allowed}")
+    if bounds is not None and value is not None:
+        lo, hi = bounds
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise CiterError(f"{source}: key '{key}': {value!r} must be {want}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,52 @@
+"""Router: the method's MLP shape, safetensors round trip, refusal of a mismatched input size."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline import CiterError
+from pipeline.router import Router, RouterSpec, load_router, save_router
+
+
+def test_default_shape_matches_the_method():
+    router = Router(RouterSpec(input_size=1536))
+    n = sum(p.numel() for p in router.parameters())
+    assert 9.4e6 < n < 9.5e6  # "about 9.5M parameters for d = 1536"
+    kinds = [type(m).__name__ for m in router.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "Dropout", "Linear"]
+    assert router.net[0].out_features == 3072 and router.net[4].out_features == 1536
+
+
+def test_configurable_sizes_and_dropout():
+    router = Router(RouterSpec(input_size=16, hidden_mults=(4.0,), dropout=0.3))
+    assert router.net[0].out_features == 64 and router.net[3].p == 0.3 and router.net[-1].in_features == 64
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    router = Router(RouterSpec(input_size=32, dropout=0.2))
+    router.train()
+    router(torch.randn(64, 32))  # move the BatchNorm running statistics off their defaults
+    router.eval()
+    x = torch.randn(10, 32)
+    save_router(router, tmp_path / "r", meta={"epoch": 3, "val_loss": 0.25})
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.json", "router.safetensors"]
+    loaded = load_router(tmp_path / "r", expected_input_size=32)
+    assert loaded.meta == {"epoch": 3, "val_loss": 0.25}
+    assert loaded.router.spec == router.spec and not loaded.router.training
+    assert torch.equal(loaded.router.prob(x), router.prob(x))
+    assert ((loaded.router.prob(x) > 0) & (loaded.router.prob(x) < 1)).all()
+
+
+def test_refuses_other_input_size_and_broken_files(tmp_path):
+    save_router(Router(RouterSpec(input_size=32)), tmp_path / "r")
+    with pytest.raises(CiterError, match="hidden states of size 32, but the SLM's hidden size is 48"):
+        load_router(tmp_path / "r", expected_input_size=48)
+    with pytest.raises(CiterError, match="not a router directory"):
+        load_router(tmp_path / "nothing")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["router"]["hidden_mults"] = [3.0, 1.0]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CiterError, match="weights do not fit the shape"):
+        load_router(tmp_path / "r")
