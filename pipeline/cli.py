@@ -46,9 +46,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = load_job_config(args.config, args.overrides)
     out = Path(args.out or Path(cfg.storage) / cfg.name / "eval")
-    result = run_eval(cfg, out)
-    print(format_table(result["points"]))
-    print(f"wrote {out / 'eval.json'}")
+    result = run_eval(cfg, out, router_dir=args.router)
+    print(format_table(result))
+    print(f"wrote {out / 'eval.json'} and {out / 'curve.png'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,18 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     p.set_defaults(func=cmd_build_demo)
 
-    p = sub.add_parser("eval", help="evaluate on the held-out split and write eval.json",
-                       description="Evaluate the SLM alone and the LLM alone on the held-out split; write "
-                                   "DIR/eval.json and print a table.")
+    p = sub.add_parser("eval", help="accuracy vs LLM-call ratio on the held-out split: router sweep and baselines",
+                       description="Decode the held-out split with the router at each of eval.thresholds and with "
+                                   "the baselines (SLM alone, LLM alone, random, confidence and query-level "
+                                   "routing); write DIR/eval.json and DIR/curve.png and print a table. Without "
+                                   "--router only the baselines run.")
     p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--router", help="router directory (router.safetensors + config.json)")
     p.add_argument("--out", help="output directory (default: STORAGE/NAME/eval)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_eval)
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides stand anywhere after the subcommand."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,9 +21,11 @@ from pipeline import CiterError
 
 
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None,
-       range: tuple | None = None, factory: Any = None) -> Any:
-    """A dataclass field with validation metadata (allowed choices, inclusive numeric range)."""
-    meta = {"choices": choices, "range": range}
+       range: tuple | None = None, factory: Any = None, unit_items: bool = False,
+       item_choices: tuple | None = None) -> Any:
+    """A dataclass field with validation metadata: allowed choices, inclusive numeric range,
+    a list whose items must all lie in [0, 1] (`unit_items`) or be among `item_choices`."""
+    meta = {"choices": choices, "range": range, "unit_items": unit_items, "item_choices": item_choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,14 +84,28 @@ class RouterConfig:
     dropout: float = _f(0.1, range=(0.0, 1.0))
 
 
+EVAL_METHODS = ("slm", "llm", "router", "random", "confidence", "query")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """Held-out evaluation: how many examples, generation length, threshold sweep."""
+    """Held-out evaluation: which methods, at which thresholds, on how many examples.
+
+    Methods: `slm` and `llm` alone; `router` at each of `thresholds`; `random` routing at each of
+    `random_ratios`; `confidence` routing (LLM where the SLM's top-1 probability is below each of
+    `confidence_thresholds`); `query` routing (the `query_fractions` of queries with the lowest
+    SLM mean confidence answered wholly by the LLM).
+    """
 
     n_examples: int = _f(500, range=(1, None))
     batch_size: int = _f(64, range=(1, None))
     max_new_tokens: int = _f(128, range=(1, None))
-    thresholds: list[float] = _f(factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    methods: list[str] = _f(item_choices=EVAL_METHODS, factory=lambda: list(EVAL_METHODS))
+    thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    random_ratios: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7])
+    confidence_thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    query_fractions: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = 0  # random routing draws
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,6 +312,13 @@ def _check(tp: Any, value: Any, key: str, source: str, overridden: set[str]) -> 
 
 
 def _check_meta(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    if f.metadata.get("unit_items") or f.metadata.get("item_choices"):
+        for i, v in enumerate(value):
+            if f.metadata.get("item_choices") and v not in f.metadata["item_choices"]:
+                raise CiterError(f"{source}: key '{key}[{i}]': {v!r} is not one of: "
+                                 f"{', '.join(f.metadata['item_choices'])}")
+            if f.metadata.get("unit_items") and not 0.0 <= v <= 1.0:
+                raise CiterError(f"{source}: key '{key}[{i}]': {v!r} must be in [0, 1]")
     choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
     if choices is not None and value not in choices:
         allowed = ", ".join("null" if c is None else str(c) for c in choices)

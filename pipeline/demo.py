@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.config import DemoConfig, TaskConfig
-from pipeline.decoding import greedy_generate
+from pipeline.decoding import SLMOnly, decode
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import flops_per_token
 from pipeline.tasks import Example, is_correct, row_to_example
@@ -127,9 +127,10 @@ def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, examples: li
     """Greedy accuracy of one model on examples (the demo task's own scorer)."""
     model.eval()
     prompts = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in examples]
-    outs = greedy_generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-    ok = sum(is_correct("gsm8k", tok.decode(o), ex.answer) for o, ex in zip(outs, examples, strict=True))
+    outs = decode(model, None, prompts, SLMOnly(), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ok = sum(is_correct("gsm8k", tok.decode(o.tokens, skip_special_tokens=True), ex.answer)
+             for o, ex in zip(outs, examples, strict=True))
     return ok / len(examples)
 
 

@@ -1,65 +1,205 @@
-"""Held-out evaluation: accuracy against the share of tokens the LLM produced, per method."""
+"""Held-out evaluation: accuracy against the share of tokens the LLM produced, per method.
+
+Each method gives points (llm_call_ratio, accuracy): the router at a sweep of thresholds, and the
+baselines (SLM alone, LLM alone, random, confidence and query-level routing). A method's AUC is
+the area under its accuracy-vs-ratio curve on [0, 1]. The curve is anchored at (0, SLM accuracy)
+and (1, LLM accuracy), where every token-level method ends up at its extreme thresholds.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.decoding import greedy_generate
-from pipeline.io import atomic_write_json
+from pipeline.decoding import (
+    ConfidencePolicy,
+    Generation,
+    LLMOnly,
+    Policy,
+    RandomPolicy,
+    RouterPolicy,
+    SLMOnly,
+    decode,
+    llm_call_ratio,
+)
+from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, encode_prompts, load_pair
+from pipeline.router import Router, load_router
 from pipeline.tasks import Example, is_correct, load_examples
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_single_model(pair: ModelPair, which: str, examples: list[Example], cfg: Config) -> dict[str, Any]:
-    """Greedy accuracy of the SLM alone (`which="slm"`) or the LLM alone (`"llm"`)."""
+def score(pair: ModelPair, task_format: str, gens: list[Generation], examples: list[Example]) -> list[bool]:
+    """Per-row correctness of the generated text (special tokens dropped) against the gold answer."""
     tok = pair.tokenizer
-    prompts = encode_prompts(tok, [ex.prompt for ex in examples], cfg.models.chat_template)
-    model = pair.slm if which == "slm" else pair.llm
-    t0 = time.perf_counter()
-    outs = greedy_generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                           desc=f"decoding ({which} only)")
-    seconds = time.perf_counter() - t0
-    correct = sum(is_correct(cfg.task.format, tok.decode(o, skip_special_tokens=True), ex.answer)
-                  for o, ex in zip(outs, examples, strict=True))
-    n_tokens = sum(len(o) for o in outs)
+    return [is_correct(task_format, tok.decode(g.tokens, skip_special_tokens=True), ex.answer)
+            for g, ex in zip(gens, examples, strict=True)]
+
+
+def make_point(method: str, threshold: float | None, gens: list[Generation], correct: list[bool],
+               seconds: float) -> dict[str, Any]:
+    n_tokens = sum(len(g.tokens) for g in gens)
     return {
-        "method": which,
-        "threshold": None,
-        "llm_call_ratio": 1.0 if which == "llm" else 0.0,
-        "accuracy": correct / len(examples),
-        "n": len(examples),
+        "method": method,
+        "threshold": threshold,
+        "llm_call_ratio": llm_call_ratio(gens),
+        "llm_forward_calls": sum(g.llm_forward_calls for g in gens),
+        "slm_forward_calls": sum(g.slm_forward_calls for g in gens),
+        "accuracy": sum(correct) / len(correct),
+        "n": len(correct),
         "generated_tokens": n_tokens,
+        "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds > 0 else None,
     }
 
 
-def run_eval(cfg: Config, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate the baselines on the held-out split; write `eval.json` under `out_dir`."""
+def run_policy(pair: ModelPair, policy: Policy, prompts: list[list[int]], examples: list[Example],
+               cfg: Config, threshold: float | None) -> tuple[dict[str, Any], list[Generation]]:
+    """Decode every prompt under `policy`, score, and time it."""
+    tok = pair.tokenizer
+    label = policy.name if threshold is None else f"{policy.name} @ {threshold:g}"
+    t0 = time.perf_counter()
+    gens = decode(pair.slm, pair.llm, prompts, policy, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, desc=label)
+    seconds = time.perf_counter() - t0
+    return make_point(policy.name, threshold, gens, score(pair, cfg.task.format, gens, examples), seconds), gens
+
+
+def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tuple[dict, list[Generation], list[bool]],
+                 fractions: list[float]) -> list[dict[str, Any]]:
+    """Query-level routing from the two single-model runs: score each query by the SLM's mean
+    top-1 probability over its own answer (the first pass), and give the `fraction` of queries
+    with the lowest scores wholly to the LLM. Time = the SLM pass + those rows' share of the LLM's."""
+    (slm_point, slm_gens, slm_ok), (llm_point, llm_gens, llm_ok) = slm_run, llm_run
+    scores = [sum(g.slm_confidence) / len(g.slm_confidence) for g in slm_gens]
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    llm_tokens_total = max(1, sum(len(g.tokens) for g in llm_gens))
+    points = []
+    for fraction in fractions:
+        to_llm = set(order[: math.ceil(fraction * len(order))])
+        gens, ok = [], []
+        for i in range(len(scores)):
+            g = llm_gens[i] if i in to_llm else slm_gens[i]
+            gens.append(Generation(tokens=g.tokens, from_llm=g.from_llm, llm_forward_calls=g.llm_forward_calls,
+                                   slm_forward_calls=slm_gens[i].slm_forward_calls))
+            ok.append(llm_ok[i] if i in to_llm else slm_ok[i])
+        llm_share = sum(len(llm_gens[i].tokens) for i in to_llm) / llm_tokens_total
+        seconds = slm_point["seconds"] + llm_share * llm_point["seconds"]
+        points.append(make_point("query", fraction, gens, ok, seconds))
+    return points
+
+
+def area_under_curve(points: list[dict[str, Any]], slm_accuracy: float, llm_accuracy: float) -> float:
+    """Trapezoid area under accuracy vs llm_call_ratio on [0, 1], anchored at both single models."""
+    xy = sorted([(0.0, slm_accuracy), (1.0, llm_accuracy)] + [(p["llm_call_ratio"], p["accuracy"]) for p in points])
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False))
+
+
+def accuracy_at_ratio(points: list[dict[str, Any]], ratio: float, slm_accuracy: float, llm_accuracy: float) -> float:
+    """Accuracy of a method at a given LLM-call ratio, interpolated linearly along its curve."""
+    xy = sorted([(0.0, slm_accuracy), (1.0, llm_accuracy)] + [(p["llm_call_ratio"], p["accuracy"]) for p in points])
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
+        if x0 <= ratio <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
+    return xy[-1][1]
+
+
+def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate the configured methods on the held-out split; write eval.json and curve.png."""
     examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before loading models
     pair = load_pair(cfg.models)
+    router = load_router(router_dir, expected_input_size=pair.hidden_size, device=pair.device).router \
+        if router_dir else None
+    prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template)
     log.info("evaluating on %d held-out examples from %s", len(examples), cfg.task.eval_path)
-    points = [evaluate_single_model(pair, which, examples, cfg) for which in ("slm", "llm")]
-    result = {"config": cfg.name, "n_examples": len(examples), "points": points}
-    out = Path(out_dir) / "eval.json"
-    atomic_write_json(out, result)
-    log.info("wrote %s", out)
+    result = evaluate_methods(pair, router, prompts, examples, cfg)
+    out = Path(out_dir)
+    atomic_write_json(out / "eval.json", result)
+    plot_curve(result, out / "curve.png")
+    log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
     return result
 
 
-def format_table(points: list[dict[str, Any]]) -> str:
-    """The eval points as an aligned text table."""
+def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[int]], examples: list[Example],
+                     cfg: Config) -> dict[str, Any]:
+    """All configured methods' points, AUCs and summary, as written to eval.json."""
+    methods = set(cfg.eval.methods)
+    if router is None:
+        methods.discard("router")
+    singles = {}
+    for policy in (SLMOnly(), LLMOnly()):  # always run: they anchor every curve
+        point, gens = run_policy(pair, policy, prompts, examples, cfg, None)
+        singles[policy.name] = (point, gens, score(pair, cfg.task.format, gens, examples))
+    points = [singles[m][0] for m in ("slm", "llm") if m in methods]
+    sweeps: list[tuple[Policy, float]] = []
+    if "router" in methods:
+        sweeps += [(RouterPolicy(router, t), t) for t in cfg.eval.thresholds]
+    if "random" in methods:
+        sweeps += [(RandomPolicy(r, cfg.eval.seed), r) for r in cfg.eval.random_ratios]
+    if "confidence" in methods:
+        sweeps += [(ConfidencePolicy(t), t) for t in cfg.eval.confidence_thresholds]
+    for policy, threshold in sweeps:
+        points.append(run_policy(pair, policy, prompts, examples, cfg, threshold)[0])
+    if "query" in methods:
+        points += query_points(singles["slm"], singles["llm"], cfg.eval.query_fractions)
+    slm_acc, llm_acc = singles["slm"][0]["accuracy"], singles["llm"][0]["accuracy"]
+    swept = sorted({p["method"] for p in points} - {"slm", "llm"})
+    auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
+    at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
+                    for r in (0.1, 0.2, 0.3)} for m in swept}
+    return {"n_examples": len(examples), "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
+            "auc": auc, "accuracy_at_llm_ratio": at_ratio}
+
+
+def plot_curve(result: dict[str, Any], path: str | Path) -> None:
+    """Accuracy vs LLM-call ratio, one line per method, the single models marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    slm_acc, llm_acc = result["slm_accuracy"], result["llm_accuracy"]
+    styles = {"router": ("C0", "o", 2.5), "random": ("C7", "s", 1.2), "confidence": ("C2", "^", 1.2),
+              "query": ("C4", "D", 1.2)}
+    for method, (color, marker, width) in styles.items():
+        pts = sorted((p["llm_call_ratio"], p["accuracy"]) for p in result["points"] if p["method"] == method)
+        if not pts:
+            continue
+        xs, ys = zip(*([(0.0, slm_acc)] + pts + [(1.0, llm_acc)]), strict=True)
+        auc = result["auc"].get(method)
+        ax.plot(xs, ys, color=color, marker=marker, lw=width, ms=5, label=f"{method} (AUC {auc:.3f})")
+    ax.scatter([0.0], [slm_acc], s=120, color="C3", zorder=5, label=f"SLM alone ({slm_acc:.1%})")
+    ax.scatter([1.0], [llm_acc], s=120, color="C1", zorder=5, label=f"LLM alone ({llm_acc:.1%})")
+    ax.set_xlabel("LLM call ratio (share of generated tokens produced by the LLM)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Accuracy vs LLM calls ({result['n_examples']} held-out examples)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_writer(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The eval points as an aligned text table, then each method's AUC."""
     header = f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'accuracy':>10}{'n':>6}{'tok/s':>9}"
     lines = [header, "-" * len(header)]
-    for p in points:
+    for p in result["points"]:
         thr = "-" if p["threshold"] is None else f"{p['threshold']:.2f}"
         tps = "-" if p.get("tokens_per_s") is None else f"{p['tokens_per_s']:.0f}"
         lines.append(f"{p['method']:<12}{thr:>10}{100 * p['llm_call_ratio']:>11.1f}%{100 * p['accuracy']:>9.1f}%"
                      f"{p['n']:>6}{tps:>9}")
+    if result.get("auc"):
+        lines.append("")
+        lines.append("AUC of accuracy vs LLM call ratio: " +
+                     ", ".join(f"{m} {a:.3f}" for m, a in sorted(result["auc"].items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)

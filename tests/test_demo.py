@@ -37,7 +37,7 @@ def test_world_files_and_recorded_bounds(demo_world):
 
 
 def test_citer_eval_measures_the_bounds_through_the_hub_loader(demo_world, tmp_path):
-    proc = run_citer("eval", str(DEMO_CONFIG), "--out", str(tmp_path))
+    proc = run_citer("eval", str(DEMO_CONFIG), "--out", str(tmp_path), "eval.methods=[slm,llm]")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     points = {p["method"]: p for p in result["points"]}

@@ -1,0 +1,80 @@
+"""Evaluation: threshold sweep + baselines -> eval.json (points, AUC) and curve.png, via the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.evaluate import accuracy_at_ratio, area_under_curve
+from pipeline.models import load_pair
+from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, teacher_forced
+from pipeline.router import Router, RouterSpec, save_router
+from pipeline.tasks import load_examples
+from tests.conftest import DEMO_CONFIG, run_citer
+
+
+def test_auc_and_interpolation():
+    pts = [{"llm_call_ratio": 0.5, "accuracy": 1.0}]
+    assert area_under_curve(pts, 0.0, 1.0) == pytest.approx(0.75)
+    assert area_under_curve([], 0.2, 0.8) == pytest.approx(0.5)
+    assert accuracy_at_ratio(pts, 0.25, 0.0, 1.0) == pytest.approx(0.5)
+    assert accuracy_at_ratio(pts, 0.75, 0.0, 1.0) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def shortcut_router(demo_world, tmp_path_factory):
+    """A router fitted quickly on shortcut labels (cases 1 and 2) of 300 training examples."""
+    cfg = load_config(DEMO_CONFIG)
+    pair = load_pair(cfg.models)
+    labelled = teacher_forced(pair, load_examples(cfg.task, "train", limit=300), batch_size=50)
+    cases = np.concatenate([t.cases for t in labelled])
+    assert set(np.unique(cases)) <= {SLM_ENOUGH, LLM_NEEDED, NEEDS_ROLLOUT} and (cases == LLM_NEEDED).sum() > 20
+    keep = cases != NEEDS_ROLLOUT
+    x = torch.tensor(np.concatenate([t.slm_hidden for t in labelled])[keep], dtype=torch.float32)
+    y = torch.tensor(cases[keep] == SLM_ENOUGH, dtype=torch.float32)
+    torch.manual_seed(0)
+    router = Router(RouterSpec(input_size=pair.hidden_size))
+    opt = torch.optim.AdamW(router.parameters(), lr=1e-3)
+    for _ in range(8):
+        for batch in torch.randperm(len(x)).split(256):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(router(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return save_router(router.eval(), tmp_path_factory.mktemp("router"))
+
+
+def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, tmp_path):
+    proc = run_citer("eval", str(DEMO_CONFIG), "--router", str(shortcut_router), "--out", str(tmp_path),
+                     "eval.n_examples=100", "eval.thresholds=[0.5,0.9,0.99]", "eval.random_ratios=[0.1,0.3,0.6]",
+                     "eval.confidence_thresholds=[0.6,0.9]", "eval.query_fractions=[0.2,0.6]")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    methods = [p["method"] for p in result["points"]]
+    assert methods.count("router") == 3 and methods.count("random") == 3 and methods.count("confidence") == 2
+    assert methods.count("query") == 2 and methods.count("slm") == methods.count("llm") == 1
+    for p in result["points"]:
+        assert {"method", "threshold", "llm_call_ratio", "llm_forward_calls", "accuracy", "n", "tokens_per_s"} <= set(p)
+        assert 0.0 <= p["llm_call_ratio"] <= 1.0 and p["n"] == 100
+    router_ratios = [p["llm_call_ratio"] for p in result["points"] if p["method"] == "router"]
+    assert router_ratios == sorted(router_ratios) and router_ratios[-1] > 0  # a higher threshold calls the LLM more
+    assert set(result["auc"]) == {"router", "random", "confidence", "query"}
+    assert result["auc"]["router"] > result["auc"]["random"]  # even a quick fit beats random routing
+    png = tmp_path / "curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 300 and image.shape[1] > 400 and image.std() > 0.05  # a real picture, not blank
+    assert "AUC" in proc.stdout and "router" in proc.stdout
+
+
+def test_router_for_another_slm_and_bad_thresholds_are_refused(tmp_path, demo_world):
+    wrong = save_router(Router(RouterSpec(input_size=32)).eval(), tmp_path / "wrong")
+    proc = run_citer("eval", str(DEMO_CONFIG), "--router", str(wrong), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "hidden states of size 32, but the SLM's hidden size is 48" in proc.stderr
+    proc = run_citer("eval", str(DEMO_CONFIG), "eval.thresholds=[0.5,1.5]")
+    assert proc.returncode == 2 and "'eval.thresholds[1]': 1.5 must be in [0, 1]" in proc.stderr
+    assert not (tmp_path / "o" / "eval.json").exists()
