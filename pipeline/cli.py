@@ -51,6 +51,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'eval.json'} and {out / 'curve.png'}")
 
 
+def cmd_collect(args: argparse.Namespace) -> None:
+    from pipeline.collect import run_collect
+
+    cfg = load_job_config(args.config, args.overrides)
+    summary = run_collect(cfg, args.run, args.iteration)
+    cases = summary["cases"]
+    total = max(1, summary["rows"])
+    print(f"iteration {summary['iteration']}: {summary['rows']} labelled tokens from {summary['examples']} examples "
+          f"in {summary['shards']} shards")
+    print(f"  case 1 (SLM suffices) {cases['1']} ({cases['1'] / total:.1%}), case 2 (LLM needed) {cases['2']} "
+          f"({cases['2'] / total:.1%}), case 3 (rollout) {cases['3']} ({cases['3'] / total:.1%}); "
+          f"{summary['case3_dropped_by_cap']} case-3 tokens dropped by collect.max_rollouts_per_example")
+    rate = f"{summary['rows_per_s']:.0f} rows/s" if summary["rows_per_s"] else "nothing left to label"
+    where = Path(args.run) / f"iter-{args.iteration:03d}" / "collect"
+    print(f"  {summary['seconds']:.1f} s, {rate}; shards in {where}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="citer",
@@ -79,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: STORAGE/NAME/eval)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("collect", help="label training tokens on Ray Data into Parquet shards",
+                       description="Label every reference token of the training examples with the shortcut rules "
+                                   "and rollouts, on Ray Data actors holding both models; write Parquet shards "
+                                   "under RUN/iter-NNN/collect/. Rerunning skips complete shards.")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_collect)
     return parser
 
 

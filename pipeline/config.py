@@ -115,7 +115,8 @@ class CollectConfig:
     threshold: float = _f(0.9, range=(0.0, 1.0))  # router threshold for rollouts, iteration >= 1
     max_rollouts_per_example: int = _f(32, range=(0, None))
     max_new_tokens: int = _f(128, range=(1, None))
-    batch_size: int = _f(16, range=(1, None))
+    batch_size: int = _f(16, range=(1, None))  # examples per forward / rollouts per decode batch
+    shard_size: int = _f(64, range=(1, None))  # examples per Parquet shard (one actor call)
     num_actors: int = _f(1, range=(1, None))
     num_cpus_per_actor: float = _f(1.0, range=(0.0, None))
     num_gpus_per_actor: float = _f(0.0, range=(0.0, None))

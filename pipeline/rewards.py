@@ -89,3 +89,84 @@ def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: b
                 slm_hidden=hidden[i, pos].numpy().astype(np.float16),
             ))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 3: rollouts
+
+
+@dataclass
+class TokenLabel:
+    """One labelled reference token: the row the collect stage writes."""
+
+    example_id: str
+    position: int  # index in the reference (0 = first response token)
+    token_id: int
+    slm_token: int
+    llm_token: int
+    slm_hidden: np.ndarray  # (d,) float16
+    case: int  # 1, 2 or 3
+    label: int  # 1 = the SLM suffices, 0 = the LLM is needed
+    rollout_correct: bool | None  # case 3 only
+
+
+def rollout_positions(tf: TeacherForced, max_rollouts: int) -> list[int]:
+    """The case-3 positions to roll out: all of them, or a deterministic sample of `max_rollouts`
+    (by a hash of example id and position, so reruns and other machines pick the same ones)."""
+    import hashlib
+
+    positions = [int(i) for i in np.flatnonzero(tf.cases == NEEDS_ROLLOUT)]
+    if len(positions) <= max_rollouts:
+        return positions
+    key = lambda i: hashlib.sha256(f"{tf.example_id}:{i}".encode()).digest()  # noqa: E731
+    return sorted(sorted(positions, key=key)[:max_rollouts])
+
+
+def rollout_outcomes(pair: ModelPair, starts: list[list[int]], prompt_lengths: list[int], answers: list[str], *,
+                     task_format: str, policy, max_new_tokens: int, batch_size: int) -> list[bool]:
+    """Continue each `start` (prompt + reference prefix + the SLM's token) under `policy`, all
+    batched, and score each response (everything after the prompt, never the prompt itself)."""
+    from pipeline.decoding import decode
+    from pipeline.tasks import is_correct
+
+    tok = pair.tokenizer
+    live = [k for k, s in enumerate(starts) if s[-1] != tok.eos_token_id]  # an eos ends the response already
+    continuations: dict[int, list[int]] = {}
+    if live:
+        gens = decode(pair.slm, pair.llm, [starts[k] for k in live], policy, eos_id=tok.eos_token_id,
+                      pad_id=tok.pad_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        continuations = {k: g.tokens for k, g in zip(live, gens, strict=True)}
+    return [
+        is_correct(task_format, tok.decode(start[n:] + continuations.get(k, []), skip_special_tokens=True), answer)
+        for k, (start, n, answer) in enumerate(zip(starts, prompt_lengths, answers, strict=True))
+    ]
+
+
+def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
+                   policy, max_rollouts: int, max_new_tokens: int, batch_size: int) -> tuple[list[TokenLabel], int]:
+    """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
+    case 3 from rollouts under `policy`. Returns the labels and the number of case-3 tokens the
+    `max_rollouts` cap dropped."""
+    jobs, dropped = [], 0
+    for e, t in enumerate(tf):
+        chosen = rollout_positions(t, max_rollouts)
+        dropped += int((t.cases == NEEDS_ROLLOUT).sum()) - len(chosen)
+        jobs += [(e, i) for i in chosen]
+    results = rollout_outcomes(
+        pair, [tf[e].prompt_ids + tf[e].reference_ids[:i] + [int(tf[e].slm_tokens[i])] for e, i in jobs],
+        [len(tf[e].prompt_ids) for e, _ in jobs], [examples[e].answer for e, _ in jobs], task_format=task_format,
+        policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outcome = dict(zip(jobs, results, strict=True))
+    labels = []
+    for e, t in enumerate(tf):
+        for i, case in enumerate(t.cases.tolist()):
+            if case == NEEDS_ROLLOUT and (e, i) not in outcome:
+                continue
+            correct = outcome.get((e, i))
+            labels.append(TokenLabel(
+                example_id=t.example_id, position=i, token_id=t.reference_ids[i], slm_token=int(t.slm_tokens[i]),
+                llm_token=int(t.llm_tokens[i]), slm_hidden=t.slm_hidden[i], case=case,
+                label=1 if case == SLM_ENOUGH else 0 if case == LLM_NEEDED else int(bool(correct)),
+                rollout_correct=correct,
+            ))
+    return labels, dropped

@@ -38,3 +38,28 @@ def run_citer(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, capturing its output."""
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=900)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small real local Ray for the module's tests, shut down afterwards."""
+    import ray
+
+    os.environ.setdefault("CITER_OBJECT_STORE_BYTES", str(300 * 2**20))
+    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+def kill_session(pid: int) -> None:
+    """SIGKILL every process in the session led by `pid` (a driver and the Ray it started)."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == pid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

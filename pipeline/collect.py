@@ -1,0 +1,318 @@
+"""The collect stage: examples -> Ray Data -> labelling actors -> one Parquet shard per example block.
+
+Examples are sorted by id and cut into shards of `collect.shard_size`. One Ray Data row is one
+shard, so the shards are deterministic by example id. A `TokenLabeler` actor loads the SLM, the
+LLM and the current router once, then for each shard:
+- labels every reference token;
+- writes `part-NNNNN.parquet` under a temporary name and renames it into place;
+- returns only the counts.
+
+The driver skips shards already on disk, and writes `_DONE` with the counts last. A rerun after
+an interruption therefore writes exactly the rows an uninterrupted run would have written.
+
+Iteration 0 rolls out case-3 tokens with the SLM alone. Iteration k >= 1 copies iteration 0's
+case 1-2 rows and redoes only the case-3 rollouts, under the router of iteration k-1 at
+`collect.threshold`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import CiterError
+from pipeline.config import Config, from_dict
+from pipeline.io import atomic_write_json, atomic_writer
+from pipeline.tasks import Example, load_examples
+
+log = logging.getLogger(__name__)
+
+DONE = "_DONE"
+RUN_JSON = "run.json"
+SCHEMA = pa.schema([
+    ("example_id", pa.string()),
+    ("position", pa.int32()),
+    ("token_id", pa.int32()),
+    ("slm_token", pa.int32()),
+    ("llm_token", pa.int32()),
+    ("slm_hidden", pa.list_(pa.float16())),
+    ("label", pa.int8()),
+    ("case", pa.int8()),
+    ("rollout_correct", pa.bool_()),
+])
+# Keys whose change invalidates labels already written (a rerun with other values is refused).
+LABELLING_KEYS = ("seed", "models", "task", "collect.threshold", "collect.max_rollouts_per_example",
+                  "collect.max_new_tokens", "collect.shard_size", "collect.n_examples")
+
+
+def iteration_dir(run: str | Path, iteration: int) -> Path:
+    return Path(run) / f"iter-{iteration:03d}"
+
+
+def collect_dir(run: str | Path, iteration: int) -> Path:
+    return iteration_dir(run, iteration) / "collect"
+
+
+def shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"part-{shard:05d}.parquet"
+
+
+def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]:
+    """Examples sorted by id, cut into consecutive shards of `shard_size`."""
+    ordered = sorted(examples, key=lambda ex: ex.id)
+    return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-directory config check
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
+    """Dotted keys under `keys` whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    relevant = lambda k: any(k == p or k.startswith(p + ".") for p in keys)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if relevant(k) and a.get(k) != b.get(k))
+
+
+def check_run_config(cfg: Config, run: Path) -> None:
+    """Record the config in `run.json` on first use; refuse one that would invalidate labels."""
+    path = run / RUN_JSON
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())["config"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
+        diff = config_differences(recorded, cfg.to_dict(), LABELLING_KEYS)
+        if diff:
+            a, b = _flatten(recorded), _flatten(cfg.to_dict())
+            detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+            raise CiterError(
+                f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
+                f"change the labels already written; use a new run directory or restore the old values"
+            )
+        return
+    atomic_write_json(path, {"config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelling one shard
+
+
+def labels_table(labels) -> pa.Table:
+    """TokenLabel objects -> a table with SCHEMA."""
+    cols = {
+        "example_id": [x.example_id for x in labels],
+        "position": [x.position for x in labels],
+        "token_id": [x.token_id for x in labels],
+        "slm_token": [x.slm_token for x in labels],
+        "llm_token": [x.llm_token for x in labels],
+        "slm_hidden": [np.asarray(x.slm_hidden, dtype=np.float16) for x in labels],
+        "label": [x.label for x in labels],
+        "case": [x.case for x in labels],
+        "rollout_correct": [x.rollout_correct for x in labels],
+    }
+    return pa.table({name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in SCHEMA.names},
+                    schema=SCHEMA)
+
+
+def label_shard(pair, cfg: Config, examples: list[Example], policy, previous: pa.Table | None) -> tuple[pa.Table, int]:
+    """Label one shard. Without `previous`, from scratch (teacher-forced pass + rollouts); with
+    iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts."""
+    from pipeline.rewards import NEEDS_ROLLOUT, encode_reference, label_examples, rollout_outcomes, teacher_forced
+
+    kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=cfg.collect.max_new_tokens,
+              batch_size=cfg.collect.batch_size)
+    if previous is None:
+        tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template, batch_size=cfg.collect.batch_size)
+        labels, dropped = label_examples(pair, examples, tf, max_rollouts=cfg.collect.max_rollouts_per_example, **kw)
+        return labels_table(labels), dropped
+    rows = previous.to_pylist()
+    by_id = {ex.id: ex for ex in examples}
+    redo = [k for k, r in enumerate(rows) if r["case"] == NEEDS_ROLLOUT]
+    encoded = {ex_id: encode_reference(pair, by_id[ex_id], cfg.models.chat_template, None)
+               for ex_id in {rows[k]["example_id"] for k in redo}}
+    starts, prompt_lengths, answers = [], [], []
+    for k in redo:
+        prompt, reference = encoded[rows[k]["example_id"]]
+        starts.append(prompt + reference[: rows[k]["position"]] + [rows[k]["slm_token"]])
+        prompt_lengths.append(len(prompt))
+        answers.append(by_id[rows[k]["example_id"]].answer)
+    for k, correct in zip(redo, rollout_outcomes(pair, starts, prompt_lengths, answers, **kw), strict=True):
+        rows[k]["rollout_correct"], rows[k]["label"] = correct, int(correct)
+    return pa.Table.from_pylist(rows, schema=SCHEMA), int((previous.schema.metadata or {}).get(b"case3_dropped", 0))
+
+
+class TokenLabeler:
+    """Ray Data actor: holds the SLM, the LLM and the current router; labels whole shards."""
+
+    def __init__(self, config: dict, run: str, iteration: int, threads: int = 1):
+        import torch
+
+        from pipeline.decoding import RouterPolicy, SLMOnly
+        from pipeline.models import load_pair
+        from pipeline.router import load_router
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = from_dict(Config, config, source=f"{run}/{RUN_JSON}")
+        self.run, self.iteration = Path(run), iteration
+        self.pair = load_pair(self.cfg.models)
+        if iteration == 0:
+            self.policy = SLMOnly()
+        else:
+            router_dir = iteration_dir(run, iteration - 1) / "router"
+            router = load_router(router_dir, expected_input_size=self.pair.hidden_size, device=self.pair.device)
+            self.policy = RouterPolicy(router.router, self.cfg.collect.threshold)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"shard": [], "rows": [], "dropped": [], "seconds": []}
+        for shard, payload in zip(batch["shard"], batch["examples"], strict=True):
+            t0 = time.perf_counter()
+            examples = [Example(**e) for e in json.loads(payload)]
+            previous = None
+            if self.iteration > 0:
+                previous = pq.read_table(shard_path(collect_dir(self.run, 0), int(shard)))
+            table, dropped = label_shard(self.pair, self.cfg, examples, self.policy, previous)
+            table = table.replace_schema_metadata({"case3_dropped": str(dropped)})
+            target = shard_path(collect_dir(self.run, self.iteration), int(shard))
+            with atomic_writer(target) as tmp:
+                pq.write_table(table, tmp)
+            for key, value in (("shard", int(shard)), ("rows", table.num_rows), ("dropped", dropped),
+                               ("seconds", time.perf_counter() - t0)):
+                out[key].append(value)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if not address:
+        kwargs.update(include_dashboard=False,
+                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        if os.environ.get("CITER_OBJECT_STORE_BYTES"):
+            kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
+    ray.init(address=address, **kwargs)
+
+
+def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None) -> pa.Table:
+    """All complete shards of an iteration's collect stage, as one table sorted by (example, position)."""
+    directory = collect_dir(run, iteration)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise CiterError(f"{directory}: no labelled shards (run `citer collect` for iteration {iteration} first)")
+    if columns is not None:
+        columns = ["example_id", "position", *[c for c in columns if c not in ("example_id", "position")]]
+    table = pa.concat_tables([pq.read_table(f, columns=columns).replace_schema_metadata(None) for f in files])
+    return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
+
+
+def check_lengths(cfg: Config, examples: list[Example]) -> None:
+    """Refuse, before any actor starts, an example whose prompt + reference does not fit the
+    models' context (the tokenizer and the model configs are enough to tell)."""
+    from transformers import AutoConfig
+
+    from pipeline.models import encode_prompts, load_tokenizer
+
+    tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
+    limits = [getattr(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code),
+                      "max_position_embeddings", None) for name in (cfg.models.slm, cfg.models.llm)]
+    limit = min((n for n in limits if n), default=None)
+    if limit is None:
+        return
+    prompts = encode_prompts(tok, [ex.prompt for ex in examples], cfg.models.chat_template)
+    for ex, prompt in zip(examples, prompts, strict=True):
+        n = len(prompt) + len(tok(ex.reference, add_special_tokens=False)["input_ids"]) + 1
+        if n > limit:
+            raise CiterError(f"{cfg.task.train_path}: example {ex.id}: prompt + reference is {n} tokens, longer than "
+                             f"the models' context of {limit} tokens; shorten or drop that row")
+
+
+def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
+    """Label the training examples for `iteration` into Parquet shards; return the summary in _DONE."""
+    run = Path(run)
+    out_dir = collect_dir(run, iteration)
+    done = out_dir / DONE
+    if done.is_file():
+        log.info("collect stage of iteration %d is complete (%s); skipping", iteration, done)
+        return json.loads(done.read_text())
+    if iteration > 0 and not (collect_dir(run, 0) / DONE).is_file():
+        raise CiterError(f"iteration {iteration} reuses iteration 0's labels, but {collect_dir(run, 0)} "
+                         "is not complete")
+    if iteration > 0 and not (iteration_dir(run, iteration - 1) / "router").is_dir():
+        raise CiterError(f"iteration {iteration} rolls out under the router of iteration {iteration - 1}, but "
+                         f"{iteration_dir(run, iteration - 1) / 'router'} does not exist")
+    run.mkdir(parents=True, exist_ok=True)
+    check_run_config(cfg, run)
+    examples = load_examples(cfg.task, "train", limit=cfg.collect.n_examples)
+    check_lengths(cfg, examples)
+    shards = plan_shards(examples, cfg.collect.shard_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".part-*.tmp"):  # left by a killed writer; never read
+        stale.unlink()
+    todo = [k for k in range(len(shards)) if not shard_path(out_dir, k).is_file()]
+    log.info("collect iteration %d: %d examples in %d shards, %d to label", iteration, len(examples), len(shards),
+             len(todo))
+    t0 = time.perf_counter()
+    labelled = 0
+    if todo:
+        import ray.data
+
+        ensure_ray()
+        items = [{"shard": k, "examples": json.dumps([ex.__dict__ for ex in shards[k]])} for k in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            TokenLabeler,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "run": str(run), "iteration": iteration,
+                                   "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(todo))),
+            batch_size=1,
+            num_cpus=cfg.collect.num_cpus_per_actor,
+            num_gpus=cfg.collect.num_gpus_per_actor,
+        )
+        labelled = sum(r["rows"] for r in ds.take_all())
+    seconds = time.perf_counter() - t0
+    files = sorted(out_dir.glob("part-*.parquet"))
+    dropped = sum(int(pq.read_schema(f).metadata.get(b"case3_dropped", b"0")) for f in files)
+    table = read_rows(run, iteration, columns=["case", "label"])
+    cases = np.asarray(table.column("case"))
+    summary = {
+        "iteration": iteration,
+        "examples": len(examples),
+        "shards": len(shards),
+        "rows": table.num_rows,
+        "cases": {str(c): int((cases == c).sum()) for c in (1, 2, 3)},
+        "rollout_share": float((cases == 3).mean()) if len(cases) else 0.0,
+        "label_1_share": float(np.asarray(table.column("label")).mean()) if len(cases) else 0.0,
+        "case3_dropped_by_cap": dropped,
+        "seconds": seconds,
+        "rows_labelled_now": labelled,
+        "rows_per_s": labelled / seconds if labelled else None,
+    }
+    atomic_write_json(done, summary)
+    return summary

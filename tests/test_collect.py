@@ -1,0 +1,188 @@
+"""The collect stage: shortcut labels in one forward pass, batched rollouts, Parquet shards on Ray Data."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import CiterError
+from pipeline.collect import DONE, SCHEMA, collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.config import load_config
+from pipeline.decoding import RouterPolicy, SLMOnly
+from pipeline.models import load_pair
+from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, label_examples, rollout_outcomes, teacher_forced
+from pipeline.router import Router, RouterSpec, save_router
+from pipeline.tasks import load_examples
+from tests.conftest import DEMO_CONFIG, ROOT, kill_session
+
+# With the SLM standing in for the LLM, every SLM error is case 3: rollouts get real work.
+ROLLOUT_HEAVY = ["models.llm=.citer/demo-world/slm"]
+
+
+def config(*overrides: str):
+    os.chdir(ROOT)
+    return load_config(DEMO_CONFIG, ["collect.n_examples=32", "collect.shard_size=8", "collect.batch_size=16",
+                                     *overrides])
+
+
+def test_teacher_forced_labels_equal_one_generate_step_per_position(demo_world):
+    cfg = config()
+    pair = load_pair(cfg.models)
+    examples = load_examples(cfg.task, "train", limit=50)
+    tf = teacher_forced(pair, examples, batch_size=25)
+    tok = pair.tokenizer
+    checked = 0
+    for t in tf:
+        for i in range(len(t.reference_ids)):
+            ids = torch.tensor([t.prompt_ids + t.reference_ids[:i]])
+            step = {name: int(m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)[0, -1])
+                    for name, m in (("slm", pair.slm), ("llm", pair.llm))}
+            assert (step["slm"], step["llm"]) == (t.slm_tokens[i], t.llm_tokens[i])
+            checked += 1
+    cases = np.concatenate([t.cases for t in tf])
+    assert checked == len(cases) > 2000 and (cases == SLM_ENOUGH).any() and (cases == LLM_NEEDED).any()
+
+
+@pytest.mark.parametrize("overrides", [[], ROLLOUT_HEAVY], ids=["demo-pair", "slm-as-llm"])
+def test_collect_shards_match_the_labelling_core(local_ray, demo_world, tmp_path, overrides):
+    cfg = config(*overrides)
+    summary = run_collect(cfg, tmp_path / "run", 0)
+    table = read_rows(tmp_path / "run", 0)
+    assert table.schema.remove_metadata() == SCHEMA
+    files = sorted(p.name for p in collect_dir(tmp_path / "run", 0).iterdir())
+    assert files == [DONE] + [f"part-{k:05d}.parquet" for k in range(4)]
+
+    pair = load_pair(cfg.models)
+    examples = sorted(load_examples(cfg.task, "train", limit=32), key=lambda e: e.id)
+    tf = teacher_forced(pair, examples, batch_size=16)
+    labels, dropped = label_examples(pair, examples, tf, task_format="gsm8k", policy=SLMOnly(), max_rollouts=32,
+                                     max_new_tokens=cfg.collect.max_new_tokens, batch_size=16)
+    rows = table.to_pylist()
+    assert len(rows) == len(labels) == summary["rows"] and dropped == summary["case3_dropped_by_cap"] == 0
+    for row, lab in zip(rows, labels, strict=True):
+        assert (row["example_id"], row["position"], row["token_id"]) == (lab.example_id, lab.position, lab.token_id)
+        assert (row["case"], row["label"], row["rollout_correct"]) == (lab.case, lab.label, lab.rollout_correct)
+        assert np.array_equal(np.asarray(row["slm_hidden"], dtype=np.float16), lab.slm_hidden)
+    cases = np.array([r["case"] for r in rows])
+    assert summary["cases"] == {str(c): int((cases == c).sum()) for c in (1, 2, 3)}
+    if overrides:
+        assert (cases == NEEDS_ROLLOUT).sum() > 5 and (cases == LLM_NEEDED).sum() == 0
+        rolled = [r for r in rows if r["case"] == NEEDS_ROLLOUT]
+        assert all(r["rollout_correct"] is not None and r["label"] == int(r["rollout_correct"]) for r in rolled)
+    else:
+        assert (cases == LLM_NEEDED).sum() > 0
+    assert all(r["rollout_correct"] is None for r in rows if r["case"] != NEEDS_ROLLOUT)
+
+
+def test_rollout_cap_drops_and_counts_deterministically(demo_world):
+    cfg = config(*ROLLOUT_HEAVY)
+    pair = load_pair(cfg.models)
+    examples = load_examples(cfg.task, "train", limit=32)
+    tf = teacher_forced(pair, examples, batch_size=16)
+    kw = dict(task_format="gsm8k", policy=SLMOnly(), max_new_tokens=64, batch_size=16)
+    full, _ = label_examples(pair, examples, tf, max_rollouts=100, **kw)
+    capped, dropped = label_examples(pair, examples, tf, max_rollouts=0, **kw)
+    assert dropped == sum(x.case == NEEDS_ROLLOUT for x in full) > 0
+    assert len(capped) == len(full) - dropped and all(x.case != NEEDS_ROLLOUT for x in capped)
+    again, dropped_again = label_examples(pair, examples, tf, max_rollouts=1, **kw)
+    once, _ = label_examples(pair, examples, tf, max_rollouts=1, **kw)
+    assert [(x.example_id, x.position) for x in again] == [(x.example_id, x.position) for x in once]
+
+
+def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(local_ray, demo_world, tmp_path):
+    cfg = config(*ROLLOUT_HEAVY)
+    run = tmp_path / "run"
+    run_collect(cfg, run, 0)
+    with pytest.raises(CiterError, match="router of iteration 0"):
+        run_collect(cfg, run, 1)
+    torch.manual_seed(0)
+    router = Router(RouterSpec(input_size=48)).eval()
+    save_router(router, iteration_dir(run, 0) / "router")
+    run_collect(cfg, run, 1)
+    first, second = read_rows(run, 0).to_pylist(), read_rows(run, 1).to_pylist()
+    assert len(first) == len(second)
+    redo = [k for k, r in enumerate(first) if r["case"] == NEEDS_ROLLOUT]
+    for a, b in zip(first, second, strict=True):
+        if a["case"] != NEEDS_ROLLOUT:
+            assert a == b
+    pair = load_pair(cfg.models)
+    examples = {e.id: e for e in load_examples(cfg.task, "train", limit=32)}
+    tok = pair.tokenizer
+    starts, lengths, answers = [], [], []
+    for k in redo:
+        ex = examples[first[k]["example_id"]]
+        prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        ref = tok(ex.reference, add_special_tokens=False)["input_ids"]
+        starts.append(prompt + ref[: first[k]["position"]] + [first[k]["slm_token"]])
+        lengths.append(len(prompt))
+        answers.append(ex.answer)
+    expected = rollout_outcomes(pair, starts, lengths, answers, task_format="gsm8k",
+                                policy=RouterPolicy(router, cfg.collect.threshold), max_new_tokens=128, batch_size=16)
+    assert [second[k]["rollout_correct"] for k in redo] == expected
+
+
+def digest(directory) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("part-*.parquet"))}
+
+
+def test_killed_collect_resumes_to_the_same_rows(local_ray, demo_world, tmp_path):
+    args = ["collect", str(DEMO_CONFIG), "collect.n_examples=96", "collect.shard_size=2", "collect.num_actors=1",
+            *ROLLOUT_HEAVY]
+    reference = tmp_path / "uninterrupted"
+    run_collect(load_config(DEMO_CONFIG, args[2:]), reference, 0)
+
+    run = tmp_path / "interrupted"
+    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--run", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = collect_dir(run, 0)
+    deadline = time.time() + 300
+    while len(list(out.glob("part-*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    kill_session(proc.pid)
+    proc.wait()
+    written = list(out.glob("part-*.parquet"))
+    assert 2 <= len(written) < 48 and not (out / DONE).exists(), "the kill must land part-way"
+    for f in written:  # every visible shard is complete
+        assert pq.read_table(f).num_rows > 0
+
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--run", str(run)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.glob(".part-*"))  # no temporary file left
+    assert digest(out) == digest(collect_dir(reference, 0)) and len(digest(out)) == 48
+    a, b = read_rows(run, 0), read_rows(reference, 0)
+    assert a.equals(b)
+    keys = [(r["example_id"], r["position"]) for r in a.select(["example_id", "position"]).to_pylist()]
+    assert len(keys) == len(set(keys))  # no duplicated rows
+
+
+def test_bad_input_is_refused_and_nothing_written_is_damaged(local_ray, demo_world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "What is 1+2?", "answer": ""}) + "\n")
+    with pytest.raises(CiterError, match=r"bad\.jsonl: row 0: field 'answer' has no '#### <number>'"):
+        run_collect(config(f"task.train_path={bad}"), tmp_path / "r0", 0)
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "What is 1+2?", "answer": "1+2+0=3:3 " * 40 + "#### 3"}) + "\n")
+    with pytest.raises(CiterError, match="train-000000: prompt \\+ reference is .* longer than the models' context"):
+        run_collect(config(f"task.train_path={long}"), tmp_path / "r1", 0)
+
+    cfg = config()
+    run = tmp_path / "run"
+    run_collect(cfg, run, 0)
+    before = digest(collect_dir(run, 0))
+    changed = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, max_new_tokens=7))
+    with pytest.raises(CiterError, match="different config: collect.max_new_tokens changed"):
+        (collect_dir(run, 0) / DONE).unlink()
+        run_collect(changed, run, 0)
+    assert digest(collect_dir(run, 0)) == before
