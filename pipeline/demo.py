@@ -53,8 +53,12 @@ def demo_task_config(out: str | Path) -> TaskConfig:
                       eval_path=str(out / "data" / "eval.jsonl"), prompt_template=PROMPT_TEMPLATE)
 
 
-def make_problem(rng: random.Random, digits: int) -> dict:
-    """One addition problem as a GSM8K-format row: {"question", "answer"}."""
+def make_problem(rng: random.Random, digits: int, blind_spot: bool = False) -> dict:
+    """One addition problem as a GSM8K-format row: {"question", "answer"}.
+
+    With `blind_spot`, the worked solution forgets the carry after a column whose two digits sum
+    to 15 or more, and its answer follows from that: the SLM's training data, which makes it
+    confidently wrong on identifiable tokens (the next column's carry)."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     carry, partial, steps = 0, "", []
@@ -63,8 +67,8 @@ def make_problem(rng: random.Random, digits: int) -> dict:
         s = int(x) + int(y) + carry
         partial = (str(s) if i == len(da) - 1 else str(s % 10)) + partial
         steps.append(f"{x}+{y}+{carry}={s}:{partial}")
-        carry = s // 10
-    return {"question": f"What is {a}+{b}?", "answer": " ".join(steps) + f" #### {a + b}"}
+        carry = 0 if blind_spot and int(x) + int(y) >= 15 else s // 10
+    return {"question": f"What is {a}+{b}?", "answer": " ".join(steps) + f" #### {int(partial)}"}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -200,10 +204,10 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     eval_ex, val_ex = to_ex(eval_rows, "eval"), to_ex(val_rows, "val")
     train_rng = random.Random(cfg.seed + 1)
 
-    def sample(n: int) -> list[Example]:
+    def sample(n: int, blind_spot: bool = False) -> list[Example]:
         rows = []
         while len(rows) < n:
-            row = make_problem(train_rng, cfg.digits)
+            row = make_problem(train_rng, cfg.digits, blind_spot)
             if row["question"] not in held_out:
                 rows.append(row)
         return to_ex(rows, "train")
@@ -215,7 +219,7 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     llm_info = train_model(llm, tok, sample, cfg.llm_steps, cfg.batch_size, "LLM",
                            validate=validate, target=LLM_TARGET_ACCURACY, check_every=50)
     slm = new_model(SLM_SHAPE, tok, cfg.seed)
-    slm_info = train_model(slm, tok, sample, cfg.slm_steps, cfg.batch_size, "SLM",
+    slm_info = train_model(slm, tok, lambda n: sample(n, blind_spot=True), cfg.slm_steps, cfg.batch_size, "SLM",
                            validate=validate, target=SLM_TARGET_ACCURACY, check_every=25)
     world = {
         "seed": cfg.seed,

@@ -20,6 +20,23 @@ def test_problems_are_gsm8k_format_with_correct_sums():
         assert row["answer"].split(" ")[-3].split(":")[1] == str(a + b)  # last partial result is the sum
 
 
+def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
+    import random
+
+    rng_a, rng_b = random.Random(11), random.Random(11)
+    changed = 0
+    for _ in range(300):
+        true, blind = make_problem(rng_a, 3), make_problem(rng_b, 3, blind_spot=True)
+        assert true["question"] == blind["question"]
+        a, b = map(int, true["question"].removeprefix("What is ").removesuffix("?").split("+"))
+        big = [int(x) + int(y) >= 15 for x, y in zip(str(a)[::-1][:2], str(b)[::-1][:2], strict=True)]
+        assert (true["answer"] != blind["answer"]) == any(big)
+        changed += any(big)
+        last = blind["answer"].split(" ")[-3].split(":")[1]
+        assert blind["answer"].endswith(f"#### {int(last)}")  # the answer follows the forgetful steps
+    assert 0.12 < changed / 300 < 0.27  # 10 of 100 digit pairs sum to 15+: 1 - 0.9^2 = 19% of problems
+
+
 def test_world_files_and_recorded_bounds(demo_world):
     world = json.loads((demo_world / "world.json").read_text())
     assert 0.2 <= world["slm"]["eval_accuracy"] <= 0.7
