@@ -147,7 +147,7 @@ def label_shard(pair, cfg: Config, examples: list[Example], policy, previous: pa
     rows = previous.to_pylist()
     by_id = {ex.id: ex for ex in examples}
     redo = [k for k, r in enumerate(rows) if r["case"] == NEEDS_ROLLOUT]
-    encoded = {ex_id: encode_reference(pair, by_id[ex_id], cfg.models.chat_template, None)
+    encoded = {ex_id: encode_reference(pair.tokenizer, by_id[ex_id], cfg.models.chat_template, None)
                for ex_id in {rows[k]["example_id"] for k in redo}}
     starts, prompt_lengths, answers = [], [], []
     for k in redo:
@@ -233,24 +233,21 @@ def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None)
 
 
 def check_lengths(cfg: Config, examples: list[Example]) -> None:
-    """Refuse, before any actor starts, an example whose prompt + reference does not fit the
-    models' context (the tokenizer and the model configs are enough to tell)."""
+    """Refuse, before any actor starts, an example whose prompt + reference is empty or does not
+    fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
     from transformers import AutoConfig
 
-    from pipeline.models import encode_prompts, load_tokenizer
+    from pipeline.models import load_tokenizer
+    from pipeline.rewards import context_length, encode_reference
 
     tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
-    limits = [getattr(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code),
-                      "max_position_embeddings", None) for name in (cfg.models.slm, cfg.models.llm)]
-    limit = min((n for n in limits if n), default=None)
-    if limit is None:
-        return
-    prompts = encode_prompts(tok, [ex.prompt for ex in examples], cfg.models.chat_template)
-    for ex, prompt in zip(examples, prompts, strict=True):
-        n = len(prompt) + len(tok(ex.reference, add_special_tokens=False)["input_ids"]) + 1
-        if n > limit:
-            raise CiterError(f"{cfg.task.train_path}: example {ex.id}: prompt + reference is {n} tokens, longer than "
-                             f"the models' context of {limit} tokens; shorten or drop that row")
+    limit = context_length(*(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code)
+                             for name in (cfg.models.slm, cfg.models.llm)))
+    for ex in examples:
+        try:
+            encode_reference(tok, ex, cfg.models.chat_template, limit)
+        except CiterError as e:
+            raise CiterError(f"{cfg.task.train_path}: {e}; shorten or drop that row") from None
 
 
 def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:

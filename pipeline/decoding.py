@@ -135,9 +135,6 @@ class Generation:
     def llm_tokens(self) -> int:
         return sum(self.from_llm)
 
-    def text_tokens(self, eos_id: int) -> list[int]:
-        return self.tokens[:-1] if self.tokens and self.tokens[-1] == eos_id else self.tokens
-
 
 def llm_call_ratio(generations: list[Generation]) -> float:
     """LLM-produced tokens / all generated tokens, over a set of rows."""

@@ -41,9 +41,8 @@ class TeacherForced:
         return np.where(self.slm_tokens == ref, SLM_ENOUGH, np.where(self.llm_tokens == ref, LLM_NEEDED, NEEDS_ROLLOUT))
 
 
-def encode_reference(pair: ModelPair, ex: Example, chat_template: bool, max_length: int | None) -> tuple[list, list]:
-    """(prompt ids, reference ids + eos), refusing empty or over-long references."""
-    tok = pair.tokenizer
+def encode_reference(tok, ex: Example, chat_template: bool, max_length: int | None) -> tuple[list, list]:
+    """(prompt ids, reference ids + eos) with tokenizer `tok`, refusing empty or over-long references."""
     if not ex.reference.strip():
         raise CiterError(f"example {ex.id}: the reference is empty, so there is no token to label")
     prompt = encode_prompts(tok, [ex.prompt], chat_template)[0]
@@ -56,10 +55,9 @@ def encode_reference(pair: ModelPair, ex: Example, chat_template: bool, max_leng
     return prompt, reference
 
 
-def context_length(pair: ModelPair) -> int | None:
-    """The shorter of the two models' maximum positions, when their configs state one."""
-    lengths = [getattr(m.config, "max_position_embeddings", None) for m in (pair.slm, pair.llm)]
-    lengths = [n for n in lengths if n]
+def context_length(*configs) -> int | None:
+    """The shortest maximum position among model configs, when they state one."""
+    lengths = [n for n in (getattr(c, "max_position_embeddings", None) for c in configs) if n]
     return min(lengths) if lengths else None
 
 
@@ -67,8 +65,8 @@ def context_length(pair: ModelPair) -> int | None:
 def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: bool = False,
                    batch_size: int = 16) -> list[TeacherForced]:
     """Both models' greedy tokens and the SLM's hidden states at every reference position."""
-    limit = context_length(pair)
-    encoded = [encode_reference(pair, ex, chat_template, limit) for ex in examples]
+    limit = context_length(pair.slm.config, pair.llm.config)
+    encoded = [encode_reference(pair.tokenizer, ex, chat_template, limit) for ex in examples]
     out: list[TeacherForced] = []
     pad = pair.tokenizer.pad_token_id
     for start in range(0, len(examples), batch_size):
