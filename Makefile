@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on an embedded local Ray: build the demo world, then two collect -> train ->
+# evaluate iterations into runs/demo (rerunning resumes it; `make clean` starts over).
 demo: $(STAMP)
 	$(BIN)/citer build-demo
-	$(BIN)/citer eval jobs/configs/demo.yaml
+	$(BIN)/citer train jobs/configs/demo.yaml
 
 # pytest exits 5 when it collects no test: a broken suite, so fail loudly.
 test: $(STAMP)

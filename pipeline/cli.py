@@ -68,6 +68,47 @@ def cmd_collect(args: argparse.Namespace) -> None:
     print(f"  {summary['seconds']:.1f} s, {rate}; shards in {where}")
 
 
+def cmd_fit_router(args: argparse.Namespace) -> None:
+    from pipeline.train import fit_router
+
+    cfg = load_job_config(args.config, args.overrides)
+    summary = fit_router(cfg, args.run, args.iteration)
+    best = summary["best"]
+    print(f"iteration {summary['iteration']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}"
+          f"{' (stopped early)' if summary['stopped_early'] else ''}")
+    print(f"  val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.2%} (majority class "
+          f"{best['val_majority_rate']:.2%}), prefer-LLM precision {best['val_precision_llm']:.2f} recall "
+          f"{best['val_recall_llm']:.2f}")
+    print(f"  {summary['fit_seconds']:.1f} s on {summary['num_workers']} workers; router in "
+          f"{Path(args.run) / f'iter-{args.iteration:03d}' / 'router'}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import format_table
+    from pipeline.loop import CURVE_PNG, default_run_dir, run_loop
+
+    cfg = load_job_config(args.config, args.overrides)
+    run = Path(args.run) if args.run else default_run_dir(cfg)
+    result = run_loop(cfg, run)
+    last = run / f"iter-{cfg.loop.iterations - 1:03d}"
+    print(f"\nfinal curve (iteration {cfg.loop.iterations - 1}) against the baselines:")
+    print(format_table(result))
+    print(f"\ncurve: {last / CURVE_PNG}\nmetrics per iteration: {run / 'metrics.jsonl'}\nrouter: {last / 'router'}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from pipeline.loop import run_status
+
+    print(run_status(args.run))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(args.config, args.overrides, args.address, run=args.run, follow=not args.no_follow,
+                  runtime_env_file=args.runtime_env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="citer",
@@ -106,6 +147,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("fit-router", help="train the router on an iteration's labels (Ray Train + DeepSpeed)",
+                       description="Train the router on RUN/iter-NNN/collect/ with Ray Train and DeepSpeed, "
+                                   "printing each epoch's metrics; export the best epoch to RUN/iter-NNN/router/. "
+                                   "Rerunning an interrupted stage continues from its last checkpoint.")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_fit_router)
+
+    p = sub.add_parser("train", help="the whole loop: collect -> train -> evaluate for loop.iterations iterations",
+                       description="Run CITER's training loop in a run directory: for each iteration, label "
+                                   "tokens (collect), train the router (fit-router) and evaluate it against the "
+                                   "baselines; log every iteration to RUN/metrics.jsonl and W&B. Running the same "
+                                   "command again resumes the run where it stopped.")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--run", help="run directory (default: STORAGE/NAME from the config)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="where a run stands, stage by stage",
+                       description="Print a run directory's config name, W&B run and, per iteration, which "
+                                   "stages are complete, with their headline figures.")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", help="run `citer train` as a Ray job on a cluster and follow its logs",
+                       description="Submit `citer train CONFIG` to a Ray cluster with Ray's job submission API: "
+                                   "the job gets this directory (without .git, .venv, .citer, runs) and the W&B "
+                                   "and HF variables set here. Submitting the same config again resumes its run "
+                                   "(the run directory is on the cluster's storage).")
+    p.add_argument("config", help="YAML config inside this directory, e.g. jobs/configs/gsm8k-qwen2.yaml")
+    p.add_argument("--address", required=True,
+                   help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 (via port-forward)")
+    p.add_argument("--run", help="run directory on the cluster (default: STORAGE/NAME from the config)")
+    p.add_argument("--runtime-env", help="extra runtime env YAML, e.g. cluster/runtime-env.yaml")
+    p.add_argument("--no-follow", action="store_true", help="return once submitted instead of following the logs")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_submit)
     return parser
 
 
@@ -130,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise in job logs
     try:
-        args.func(args)
+        code = args.func(args)
     except CiterError as e:
         print(f"citer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("citer: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

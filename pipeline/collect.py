@@ -48,9 +48,13 @@ SCHEMA = pa.schema([
     ("case", pa.int8()),
     ("rollout_correct", pa.bool_()),
 ])
-# Keys whose change invalidates labels already written (a rerun with other values is refused).
-LABELLING_KEYS = ("seed", "models", "task", "collect.threshold", "collect.max_rollouts_per_example",
-                  "collect.max_new_tokens", "collect.shard_size", "collect.n_examples")
+# Keys that may change between runs over one run directory: how much to do and with what
+# resources, and where to log. Any other change would mix results of two configs in one run
+# (labels, routers or curves already written), so it is refused.
+RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "models.device",
+                     "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
+                     "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
+                     "train.max_failures", "eval.batch_size")
 
 
 def iteration_dir(run: str | Path, iteration: int) -> Path:
@@ -85,31 +89,56 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
-    """Dotted keys under `keys` whose values differ between two config dicts."""
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except those under `ignore`."""
     a, b = _flatten(old), _flatten(new)
-    relevant = lambda k: any(k == p or k.startswith(p + ".") for p in keys)  # noqa: E731
-    return sorted(k for k in set(a) | set(b) if relevant(k) and a.get(k) != b.get(k))
+    ignored = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+
+
+def read_run_record(run: Path) -> dict[str, Any] | None:
+    """`run.json` of a run directory, or None before the first stage."""
+    path = run / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["config"]  # noqa: B018 - must be there
+        return record
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
+
+
+def update_run_record(run: Path, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into `run.json` (atomically) and stamp `updated`."""
+    record = read_run_record(run) or {}
+    record.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_json(run / RUN_JSON, record)
+    return record
 
 
 def check_run_config(cfg: Config, run: Path) -> None:
-    """Record the config in `run.json` on first use; refuse one that would invalidate labels."""
-    path = run / RUN_JSON
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text())["config"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
-        diff = config_differences(recorded, cfg.to_dict(), LABELLING_KEYS)
-        if diff:
-            a, b = _flatten(recorded), _flatten(cfg.to_dict())
-            detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-            raise CiterError(
-                f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
-                f"change the labels already written; use a new run directory or restore the old values"
-            )
+    """Record the config in `run.json` on first use; refuse one that differs in a key that would
+    invalidate work already in the run directory (anything but RESUMABLE_CHANGES)."""
+    from pipeline import __version__
+
+    record = read_run_record(run)
+    if record is None:
+        run.mkdir(parents=True, exist_ok=True)
+        update_run_record(run, config=cfg.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                          code_version=__version__)
         return
-    atomic_write_json(path, {"config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    diff = config_differences(record["config"], cfg.to_dict(), RESUMABLE_CHANGES)
+    if diff:
+        a, b = _flatten(record["config"]), _flatten(cfg.to_dict())
+        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise CiterError(
+            f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
+            f"change results already in the run; use a new run directory or restore the old values (keys "
+            f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
+        )
+    if record["config"] != cfg.to_dict():  # allowed changes: the run now goes on with them
+        update_run_record(run, config=cfg.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,11 +194,13 @@ class TokenLabeler:
 
     def __init__(self, config: dict, run: str, iteration: int, threads: int = 1):
         import torch
+        from transformers.utils import logging as hf_logging
 
         from pipeline.decoding import RouterPolicy, SLMOnly
         from pipeline.models import load_pair
         from pipeline.router import load_router
 
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per model per actor is noise in the log
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(Config, config, source=f"{run}/{RUN_JSON}")
         self.run, self.iteration = Path(run), iteration
@@ -204,17 +235,25 @@ class TokenLabeler:
 # The stage
 
 
+# Environment for Ray's worker processes on an embedded local Ray: one thread each (the CPUs are
+# shared out by Ray), and Ray Train's controller polling often enough that a report per epoch is
+# not a 2 s wait (stack-notes.md).
+RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
     import ray
 
+    for key, value in RAY_TRAIN_ENV.items():  # read by the Train controller, which runs in this process
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if not address:
-        kwargs.update(include_dashboard=False,
-                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        kwargs.update(include_dashboard=False, runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV}})
         if os.environ.get("CITER_OBJECT_STORE_BYTES"):
             kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
     ray.init(address=address, **kwargs)

@@ -22,10 +22,11 @@ from pipeline import CiterError
 
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None,
        range: tuple | None = None, factory: Any = None, unit_items: bool = False,
-       item_choices: tuple | None = None) -> Any:
+       item_choices: tuple | None = None, key_choices: tuple | None = None) -> Any:
     """A dataclass field with validation metadata: allowed choices, inclusive numeric range,
     a list whose items must all lie in [0, 1] (`unit_items`) or be among `item_choices`."""
-    meta = {"choices": choices, "range": range, "unit_items": unit_items, "item_choices": item_choices}
+    meta = {"choices": choices, "range": range, "unit_items": unit_items, "item_choices": item_choices,
+            "key_choices": key_choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -123,6 +124,21 @@ class CollectConfig:
     n_examples: int | None = None  # cap on training examples; None = all
 
 
+# Top-level keys of a DeepSpeed config (its JSON reference). DeepSpeed ignores unknown top-level
+# keys silently, so a typo would otherwise change nothing; the sections' own keys are checked by
+# DeepSpeed when the train stage builds the engine config.
+DEEPSPEED_KEYS = (
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compression_training", "csv_monitor", "curriculum_learning", "data_efficiency",
+    "data_types", "dataloader_drop_last", "disable_allgather", "dump_state", "eigenvalue", "elasticity",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_clipping", "gradient_predivide_factor",
+    "memory_breakdown", "optimizer", "prescale_gradients", "progressive_layer_drop", "scheduler",
+    "seq_parallel_communication_data_type", "sparse_gradients", "steps_per_print", "tensorboard",
+    "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu", "wall_clock_breakdown", "wandb",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedConfig:
     """The parts of the DeepSpeed config citer sets; `extra` is merged in verbatim."""
@@ -130,7 +146,7 @@ class DeepSpeedConfig:
     zero_stage: int = _f(0, range=(0, 3))
     bf16: bool = False
     grad_clip: float = _f(1.0, range=(0.0, None))
-    extra: dict[str, Any] = _f(factory=dict)
+    extra: dict[str, Any] = _f(factory=dict, key_choices=DEEPSPEED_KEYS)  # merged over the generated config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,9 +176,10 @@ class LoopConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    """Weights & Biases. `mode` None defers to WANDB_MODE, and to offline when that is unset."""
+    """Weights & Biases. Each key left null defers to its WANDB_* variable (WANDB_PROJECT,
+    WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_MODE); the project defaults to "citer", the mode to offline."""
 
-    project: str = "citer"
+    project: str | None = None
     entity: str | None = None
     group: str | None = None
     mode: str | None = _f(None, choices=(None, "online", "offline", "disabled"))
@@ -174,7 +191,7 @@ class Config:
 
     name: str = "citer-run"
     seed: int = 0
-    storage: str = "runs"  # parent of run directories; a local path or a pyarrow URI
+    storage: str = "runs"  # parent of run directories (a local or shared path); the run is STORAGE/NAME
     models: ModelsConfig
     task: TaskConfig
     demo: DemoConfig | None = None  # when set, commands build the demo world first if absent
@@ -313,6 +330,12 @@ def _check(tp: Any, value: Any, key: str, source: str, overridden: set[str]) -> 
 
 
 def _check_meta(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    if f.metadata.get("key_choices"):
+        for k in value:
+            if k not in f.metadata["key_choices"]:
+                close = difflib.get_close_matches(str(k), f.metadata["key_choices"], n=1)
+                hint = f" (did you mean '{key}.{close[0]}'?)" if close else ""
+                raise CiterError(f"{source}: key '{key}.{k}': not a DeepSpeed config key{hint}")
     if f.metadata.get("unit_items") or f.metadata.get("item_choices"):
         for i, v in enumerate(value):
             if f.metadata.get("item_choices") and v not in f.metadata["item_choices"]:

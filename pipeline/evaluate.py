@@ -109,28 +109,37 @@ def accuracy_at_ratio(points: list[dict[str, Any]], ratio: float, slm_accuracy: 
     return xy[-1][1]
 
 
-def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the configured methods on the held-out split; write eval.json and curve.png."""
+BASELINES = ("random", "confidence", "query")
+
+
+def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = None,
+             baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the configured methods on the held-out split; write curve.png, then eval.json.
+
+    With `baselines` (an earlier eval.json of the same config), its random/confidence/query points
+    are reused instead of decoded again: they do not depend on the router."""
     examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before loading models
     pair = load_pair(cfg.models)
     router = load_router(router_dir, expected_input_size=pair.hidden_size, device=pair.device).router \
         if router_dir else None
     prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template)
     log.info("evaluating on %d held-out examples from %s", len(examples), cfg.task.eval_path)
-    result = evaluate_methods(pair, router, prompts, examples, cfg)
+    result = evaluate_methods(pair, router, prompts, examples, cfg, baselines)
     out = Path(out_dir)
-    atomic_write_json(out / "eval.json", result)
     plot_curve(result, out / "curve.png")
+    atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
     log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
     return result
 
 
 def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[int]], examples: list[Example],
-                     cfg: Config) -> dict[str, Any]:
+                     cfg: Config, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """All configured methods' points, AUCs and summary, as written to eval.json."""
     methods = set(cfg.eval.methods)
     if router is None:
         methods.discard("router")
+    reused = [p for p in (baselines or {}).get("points", []) if p["method"] in BASELINES and p["method"] in methods]
+    methods -= {p["method"] for p in reused}
     singles = {}
     for policy in (SLMOnly(), LLMOnly()):  # always run: they anchor every curve
         point, gens = run_policy(pair, policy, prompts, examples, cfg, None)
@@ -147,6 +156,7 @@ def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[
         points.append(run_policy(pair, policy, prompts, examples, cfg, threshold)[0])
     if "query" in methods:
         points += query_points(singles["slm"], singles["llm"], cfg.eval.query_fractions)
+    points += reused
     slm_acc, llm_acc = singles["slm"][0]["accuracy"], singles["llm"][0]["accuracy"]
     swept = sorted({p["method"] for p in points} - {"slm", "llm"})
     auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
@@ -199,7 +209,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{p['method']:<12}{thr:>10}{100 * p['llm_call_ratio']:>11.1f}%{100 * p['accuracy']:>9.1f}%"
                      f"{p['n']:>6}{tps:>9}")
     if result.get("auc"):
+        order = sorted(result["auc"], key=lambda m: -result["auc"][m])
         lines.append("")
-        lines.append("AUC of accuracy vs LLM call ratio: " +
-                     ", ".join(f"{m} {a:.3f}" for m, a in sorted(result["auc"].items(), key=lambda kv: -kv[1])))
+        lines.append("AUC of accuracy vs LLM call ratio: " + ", ".join(f"{m} {result['auc'][m]:.3f}" for m in order))
+        at = result.get("accuracy_at_llm_ratio", {})
+        if at:
+            cells = {m: " / ".join(f"{100 * at[m][r]:.1f}%" for r in ("0.1", "0.2", "0.3")) for m in order if m in at}
+            lines.append("accuracy at 10% / 20% / 30% LLM tokens: " + "; ".join(f"{m} {c}" for m, c in cells.items()))
     return "\n".join(lines)

@@ -45,9 +45,13 @@ def local_ray():
     """A small real local Ray for the module's tests, shut down afterwards."""
     import ray
 
+    from pipeline.collect import RAY_TRAIN_ENV, RAY_WORKER_ENV
+
     os.environ.setdefault("CITER_OBJECT_STORE_BYTES", str(300 * 2**20))
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV}})
     yield ray
     ray.shutdown()
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import DEMO_CONFIG, run_citer
 
-SUBCOMMANDS = ["build-demo", "eval", "collect"]
+SUBCOMMANDS = ["build-demo", "eval", "collect", "fit-router", "train", "status"]
 
 
 def test_help_for_citer_and_every_subcommand():

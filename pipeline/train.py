@@ -1,0 +1,371 @@
+"""The train stage: fit the router on an iteration's labelled shards with Ray Train + DeepSpeed.
+
+The driver checks the shards and the DeepSpeed config, splits the labelled tokens into train and
+validation **by example id** (a seeded hash, so a problem's tokens never straddle the split),
+and runs a `TorchTrainer`. Each worker:
+- builds the router and a DeepSpeed engine from `deepspeed_config(cfg)`;
+- reads its part of the data with `ray.train.get_dataset_shard`;
+- per epoch trains with BCE on the router's logit, validates, all-reduces the sums, and reports
+  the metrics with a checkpoint (every rank saves its DeepSpeed shard).
+
+Early stopping on validation loss with `train.patience`. The Ray Train run lives in
+`<run>/iter-NNN/train/` (its name is the stage, its storage the iteration), so running the stage
+again continues from the last checkpoint, and `FailureConfig(max_failures)` restarts failed
+workers from it. At the end the best epoch's weights are exported to `<run>/iter-NNN/router/`,
+the format the decoder loads, and `train/_DONE` is written last.
+
+Label 1 means "the SLM's token is good enough"; the router outputs P(label 1). "Prefer LLM" is
+label 0, the minority class on any sensible task, and the one `train.class_weight` weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import CiterError
+from pipeline.collect import DONE, check_run_config, collect_dir, ensure_ray, iteration_dir, read_rows
+from pipeline.config import Config, from_dict
+from pipeline.io import atomic_directory, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+TAG = "citer"  # DeepSpeed checkpoint tag inside every Ray checkpoint
+TRAIN_DIR, ROUTER_DIR = "train", "router"
+PER_RUN = ("best_epoch", "stopped_early", "resumed_from")  # report keys about the run, not the epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and input checks (driver side, before any worker starts)
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed config for one worker: citer's settings with `deepspeed.extra` merged over them."""
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size_per_worker,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+                                                  "torch_adam": True}},
+        "gradient_clipping": cfg.deepspeed.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(generated, cfg.deepspeed.extra)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def check_deepspeed_config(ds_config: dict[str, Any]) -> None:
+    """Let DeepSpeed parse the config now, so a bad section fails here and not in every worker."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = {k: v for k, v in ds_config.items() if k != "train_batch_size"}  # depends on the world size
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # pydantic's ValidationError, or DeepSpeed's own asserts
+        if hasattr(e, "errors") and hasattr(e, "title"):
+            detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            detail = f"{detail} (in DeepSpeed's {e.title})"
+        else:
+            detail = f"{type(e).__name__}: {e}"
+        raise CiterError(f"DeepSpeed rejected the config built from 'deepspeed' and 'deepspeed.extra': {detail}") \
+            from None
+
+
+def is_validation(example_id: str, seed: int, fraction: float) -> bool:
+    """Whether an example's tokens go to validation: a seeded hash of its id below `fraction`."""
+    digest = hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def labelled_shards(cfg: Config, run: Path, iteration: int) -> list[Path]:
+    """The iteration's complete shards; refuse a missing or unfinished collect stage, or shards
+    whose hidden states do not have the SLM's hidden size."""
+    from transformers import AutoConfig
+
+    directory = collect_dir(run, iteration)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise CiterError(f"{directory}: no labelled shards to train on (run `citer collect CONFIG --run {run} "
+                         f"--iteration {iteration}` first)")
+    if not (directory / DONE).is_file():
+        raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
+                         "finish it before training")
+    hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
+    for f in files:
+        first = pq.ParquetFile(f).read_row_group(0, columns=["slm_hidden"]).column(0)
+        if len(first) and len(first[0]) != hidden:
+            raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
+                             f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
+                             "another SLM")
+    return files
+
+
+def split_counts(run: Path, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
+    """Rows and label shares of the train and validation splits, from the label column alone."""
+    table = read_rows(run, iteration, columns=["label"])
+    ids = table.column("example_id").to_pylist()
+    labels = np.asarray(table.column("label"), dtype=np.int64)
+    val = np.fromiter((is_validation(i, seed, fraction) for i in ids), dtype=bool, count=len(ids))
+    out = {"train_rows": int((~val).sum()), "val_rows": int(val.sum()),
+           "train_label_1_share": float(labels[~val].mean()) if (~val).any() else math.nan,
+           "val_label_1_share": float(labels[val].mean()) if val.any() else math.nan,
+           "train_examples": len(set(np.asarray(ids)[~val])), "val_examples": len(set(np.asarray(ids)[val]))}
+    if not out["train_rows"] or not out["val_rows"]:
+        raise CiterError(f"train.val_fraction={fraction} leaves {out['train_examples']} training and "
+                         f"{out['val_examples']} validation examples; both splits need examples")
+    return out
+
+
+def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool) -> dict[str, np.ndarray]:
+    """A batch of labelled rows -> {"x": (n, hidden) float16, "y": (n,) float32} for one split."""
+    keep = np.fromiter((is_validation(i, seed, fraction) == validation
+                        for i in batch.column("example_id").to_pylist()), dtype=bool, count=batch.num_rows)
+    batch = batch.filter(pa.array(keep))
+    hidden = batch.column("slm_hidden").combine_chunks()
+    width = len(hidden[0]) if len(hidden) else 0
+    x = hidden.flatten().to_numpy(zero_copy_only=False).reshape(len(hidden), width)
+    return {"x": x, "y": np.asarray(batch.column("label"), dtype=np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed engine, epochs, validation, checkpoint + report per epoch."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from pipeline.router import Router, RouterSpec
+
+    cfg = from_dict(Config, config["cfg"], source="train stage config")
+    tc = cfg.train
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours to print
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    rank = ray.train.get_context().get_world_rank()
+    router = Router(RouterSpec(**config["spec"]))
+    if config.get("warm_start"):
+        router.load_state_dict(load_file(config["warm_start"]))
+    engine, *_ = deepspeed.initialize(model=router, model_parameters=router.parameters(),
+                                      config=config["deepspeed"], dist_init_required=False)
+    dtype = next(engine.module.parameters()).dtype
+    state: dict[str, Any] = {"epoch": 0, "best_epoch": None, "best_val_loss": math.inf, "bad_epochs": 0,
+                             "stopped": False, "resumed_from": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag=TAG)
+        state = client_state["citer"]
+        state["resumed_from"].append(state["epoch"])
+        if rank == 0:
+            print(f"[citer] resuming router training after epoch {state['epoch']}", flush=True)
+    weight0 = tc.class_weight or 1.0  # weight of label 0 ("prefer LLM")
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def loss_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = engine(x.to(engine.device, dtype)).float()
+        w = torch.where(y > 0.5, 1.0, weight0)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="sum"), logits
+
+    while state["epoch"] < tc.epochs and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        started_at, t0 = time.time(), time.perf_counter()
+        engine.train()
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, rows
+        data_seconds, t_wait = 0.0, time.perf_counter()
+        for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size_per_worker, drop_last=True,
+                                                    local_shuffle_buffer_size=4 * tc.batch_size_per_worker,
+                                                    local_shuffle_seed=cfg.seed * 10_000 + epoch):
+            data_seconds += time.perf_counter() - t_wait
+            y = batch["y"].to(engine.device)
+            loss_sum, _ = loss_terms(batch["x"], y)
+            engine.backward(loss_sum / len(y))
+            engine.step()
+            sums += torch.tensor([loss_sum.item(), len(y)], dtype=torch.float64)
+            t_wait = time.perf_counter()
+        train_seconds = time.perf_counter() - t0
+        for buffer in engine.module.buffers():  # BatchNorm statistics: validate with what rank 0 exports
+            dist.broadcast(buffer, src=0)
+        engine.eval()
+        val = torch.zeros(6, dtype=torch.float64)  # loss, rows, correct, tp, fp, fn ("prefer LLM" = positive)
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=4096):
+                y = batch["y"].to(engine.device)
+                loss_sum, logits = loss_terms(batch["x"], y)
+                llm_pred, llm_true = logits < 0, y < 0.5
+                val += torch.tensor([loss_sum.item(), len(y), (llm_pred == llm_true).sum().item(),
+                                     (llm_pred & llm_true).sum().item(), (llm_pred & ~llm_true).sum().item(),
+                                     (~llm_pred & llm_true).sum().item()], dtype=torch.float64)
+        totals = torch.cat([sums, val]).to(engine.device)
+        dist.all_reduce(totals)
+        loss, rows, vloss, vrows, correct, tp, fp, fn = totals.tolist()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss / max(rows, 1),
+            "val_loss": vloss / max(vrows, 1),
+            "val_accuracy": correct / max(vrows, 1),
+            "val_precision_llm": tp / (tp + fp) if tp + fp else 0.0,
+            "val_recall_llm": tp / (tp + fn) if tp + fn else 0.0,
+            "val_majority_rate": max(tp + fn, vrows - tp - fn) / max(vrows, 1),
+            "train_rows": int(rows),
+            "train_rows_per_s": rows / train_seconds if train_seconds > 0 else None,
+            "train_data_wait_share": data_seconds / train_seconds if train_seconds > 0 else None,  # rank 0
+            "epoch_seconds": time.perf_counter() - t0,
+            "started_at": started_at,
+        }
+        if metrics["val_loss"] < state["best_val_loss"] - 1e-7:
+            state.update(best_val_loss=metrics["val_loss"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"], state["stopped"] = epoch, state["bad_epochs"] >= tc.patience
+        metrics.update(best_epoch=state["best_epoch"], stopped_early=state["stopped"],
+                       resumed_from=list(state["resumed_from"]))
+        if rank == 0:
+            print(f"[citer] epoch {epoch}/{tc.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
+                  f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.2%} (majority "
+                  f"{metrics['val_majority_rate']:.2%}), prefer-LLM precision {metrics['val_precision_llm']:.2f} "
+                  f"recall {metrics['val_recall_llm']:.2f}, {metrics['train_rows_per_s'] or 0:,.0f} rows/s"
+                  + (" - stopping early" if state["stopped"] else ""), flush=True)
+        tmp = tempfile.mkdtemp(prefix="citer-ckpt-")
+        try:
+            engine.save_checkpoint(tmp, tag=TAG, client_state={"citer": state})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage (driver)
+
+
+def router_weights(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Full fp32 router weights from one of our checkpoints, whatever the ZeRO stage."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    directory = Path(checkpoint_dir)
+    if list((directory / TAG).glob("*optim_states.pt")) and list((directory / TAG).glob("zero_pp_rank_*")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    # ZeRO stage 0: the module's own state dict, saved by rank 0. Written by this stage, so safe to load.
+    states = torch.load(directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
+    """Train the router of `iteration` (resuming an interrupted run); export the best epoch; return
+    the summary written to `train/_DONE`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.router import Router, router_spec, save_router
+
+    run = Path(run).resolve()
+    it_dir = iteration_dir(run, iteration)
+    done = it_dir / TRAIN_DIR / DONE
+    if done.is_file():
+        log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
+        return json.loads(done.read_text())
+    check_run_config(cfg, run)
+    files = labelled_shards(cfg, run, iteration)
+    ds_config = deepspeed_config(cfg)
+    check_deepspeed_config(ds_config)
+    tc = cfg.train
+    counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
+    hidden = len(pq.ParquetFile(files[0]).read_row_group(0, columns=["slm_hidden"]).column(0)[0])
+    spec = router_spec(hidden, cfg.router)
+    warm = iteration_dir(run, iteration - 1) / ROUTER_DIR / "router.safetensors" if iteration > 0 else None
+    if tc.warm_start and warm is not None and not warm.is_file():
+        raise CiterError(f"train.warm_start is on, but {warm} does not exist")
+    log.info("train iteration %d: %d train / %d validation tokens (%d / %d examples), %d workers, ZeRO %d",
+             iteration, counts["train_rows"], counts["val_rows"], counts["train_examples"],
+             counts["val_examples"], tc.num_workers, cfg.deepspeed.zero_stage)
+
+    import ray.data
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch split bars flood the log
+    t0 = time.perf_counter()
+    source = ray.data.read_parquet([str(f) for f in files]).select_columns(["example_id", "slm_hidden", "label"])
+    # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
+    splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
+                                       fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
+                                                  "validation": name == "val"}).materialize()
+              for name in ("train", "val")}
+    prepare_seconds = time.perf_counter() - t0
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "spec": {**spec.__dict__, "hidden_mults": list(spec.hidden_mults)},
+                           "deepspeed": ds_config,
+                           "warm_start": str(warm) if tc.warm_start and warm is not None else None},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=str(it_dir),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_loss",
+                                                                checkpoint_score_order="min")),
+        datasets=splits,
+    )
+    t1, fit_started_at = time.perf_counter(), time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
+        raise CiterError(f"router training for iteration {iteration} failed ({type(e).__name__}: {e}); "
+                         f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
+    fit_seconds = time.perf_counter() - t1
+    history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+    if not history:
+        raise CiterError(f"router training for iteration {iteration} reported no epoch")
+    best_ckpt, best = min(result.best_checkpoints, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
+    router = Router(spec)
+    with best_ckpt.as_directory() as d:
+        router.load_state_dict(router_weights(d))
+    summary = {
+        "iteration": iteration,
+        "best_epoch": best["epoch"],
+        "epochs_run": history[-1]["epoch"],
+        "stopped_early": bool(history[-1].get("stopped_early")),
+        "resumed_from": history[-1].get("resumed_from", []),
+        "best": {k: v for k, v in best.items() if k not in PER_RUN},
+        "history": [{k: v for k, v in m.items() if k not in PER_RUN} for m in history],
+        "split": counts,
+        "num_workers": tc.num_workers,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "prepare_seconds": prepare_seconds,
+        "fit_seconds": fit_seconds,
+        "fit_started_at": fit_started_at,
+        "rows_per_s": sum(m["train_rows"] for m in history) / fit_seconds,
+    }
+    with atomic_directory(it_dir / ROUTER_DIR) as tmp:
+        save_router(router.eval(), tmp, meta={"iteration": iteration, "epoch": best["epoch"],
+                                              "metrics": summary["best"], "slm": cfg.models.slm})
+    atomic_write_json(done, summary)
+    log.info("router of iteration %d: epoch %d of %d, val loss %.4f, val accuracy %.2f%% -> %s", iteration,
+             best["epoch"], summary["epochs_run"], best["val_loss"], 100 * best["val_accuracy"],
+             it_dir / ROUTER_DIR)
+    return summary
+

@@ -1,0 +1,122 @@
+"""The driver: `citer train` killed in each stage resumes to the same result; config changes; status."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import CiterError
+from pipeline.collect import DONE, check_run_config, collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.config import load_config
+from pipeline.loop import run_status
+from tests.conftest import DEMO_CONFIG, ROOT, kill_session, run_citer
+
+SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
+         "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=60", "eval.thresholds=[0.5,0.9]",
+         "eval.random_ratios=[0.2]", "eval.confidence_thresholds=[0.9]", "eval.query_fractions=[0.2]",
+         "loop.iterations=1"]
+SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B API key that must never be written
+
+
+def start(run: Path) -> subprocess.Popen:
+    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
+                             *SMALL], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it was {what}"
+    kill_session(proc.pid)
+    proc.wait()
+
+
+def progress(run: Path) -> dict:
+    try:
+        return json.loads((run / "run.json").read_text()).get("progress", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb_run(local_ray, demo_world,
+                                                                                       tmp_path):
+    os.chdir(ROOT)
+    reference = tmp_path / "uninterrupted"
+    run_collect(load_config(DEMO_CONFIG, SMALL), reference, 0)
+
+    run = tmp_path / "run"
+    it = iteration_dir(run, 0)
+    shards = lambda: list(collect_dir(run, 0).glob("part-*.parquet"))  # noqa: E731
+    kill_when(start(run), lambda: len(shards()) >= 2, "collecting")
+    assert 2 <= len(shards()) < 12 and not (collect_dir(run, 0) / DONE).exists()
+
+    kill_when(start(run), lambda: len(list((it / "train").glob("checkpoint_*"))) >= 2, "training")
+    assert not (it / "train" / DONE).exists()
+
+    proc = start(run)
+    kill_when(proc, lambda: progress(run).get("stage") == "eval" and time.sleep(1.0) is None, "evaluating")
+    assert (it / "router").is_dir() and not (it / "eval.json").exists()
+
+    env = dict(os.environ, WANDB_API_KEY=SECRET, WANDB_MODE="offline")
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run), *SMALL],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "final curve" in done.stdout and str(it / "curve.png") in done.stdout
+
+    # Labels: row for row those of an uninterrupted run, none duplicated or missing.
+    assert read_rows(run, 0).equals(read_rows(reference, 0))
+    keys = read_rows(run, 0, columns=[]).to_pylist()
+    assert len({(k["example_id"], k["position"]) for k in keys}) == len(keys)
+    train = json.loads((it / "train" / DONE).read_text())
+    assert train["epochs_run"] == 4 and len(train["resumed_from"]) == 1  # continued, not restarted
+    assert (it / DONE).is_file() and json.loads((it / "eval.json").read_text())["auc"]["router"] > 0
+
+    # One W&B run across four starts, and one metrics record per iteration.
+    record = json.loads((run / "run.json").read_text())
+    run_id = record["wandb"]["id"]
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 4 and all(p.name.endswith(run_id) for p in offline)
+    assert all((p / f"run-{run_id}.wandb").is_file() for p in offline)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [0]
+    assert record["progress"] == {"iteration": 1, "stage": "done"}
+
+    # The API key is in no file of the run and in no output.
+    assert SECRET not in done.stdout + done.stderr
+    for path in run.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50 * 2**20:
+            assert SECRET.encode() not in path.read_bytes(), path
+
+    status = run_status(run)
+    assert "finished" in status and "iter-000 (complete)" in status and f"W&B run {run_id}" in status
+
+
+def test_config_changes_that_invalidate_work_are_refused_others_allowed(tmp_path, demo_world):
+    os.chdir(ROOT)
+    cfg = load_config(DEMO_CONFIG, SMALL)
+    run = tmp_path / "run"
+    check_run_config(cfg, run)
+    changed = load_config(DEMO_CONFIG, [*SMALL, "train.lr=0.01", "models.llm=.citer/demo-world/slm"])
+    with pytest.raises(CiterError, match=r"different config: models.llm, train.lr changed \(models.llm: "):
+        check_run_config(changed, run)
+    allowed = load_config(DEMO_CONFIG, [*SMALL, "loop.iterations=3", "tracking.group=ablation",
+                                        "train.num_workers=1"])
+    check_run_config(allowed, run)
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    assert recorded == allowed.to_dict() and recorded["loop"]["iterations"] == 3
+
+    proc = run_citer("train", str(DEMO_CONFIG), "--run", str(run), *SMALL, "eval.max_new_tokens=12")
+    assert proc.returncode == 2 and "eval.max_new_tokens changed" in proc.stderr
+    assert json.loads((run / "run.json").read_text())["config"] == recorded  # nothing overwritten
+
+
+def test_status_of_a_missing_run_is_a_clear_error(tmp_path):
+    proc = run_citer("status", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "not a citer run directory (no run.json)" in proc.stderr

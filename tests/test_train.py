@@ -1,0 +1,171 @@
+"""The train stage: Ray Train + DeepSpeed (gloo, CPU) on collected shards, resume, export, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import CiterError
+from pipeline.collect import collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.config import load_config
+from pipeline.evaluate import evaluate_methods
+from pipeline.models import encode_prompts, load_pair
+from pipeline.router import load_router
+from pipeline.tasks import load_examples
+from pipeline.train import TRAIN_DIR, fit_router, is_validation
+from tests.conftest import DEMO_CONFIG, ROOT, kill_session, run_citer
+
+LABELS = ["collect.shard_size=100"]  # all 2,000 training problems of the demo world
+SLOW_EPOCHS = ["train.batch_size_per_worker=128", "train.epochs=6", "train.patience=10"]
+
+
+def config(*overrides: str):
+    os.chdir(ROOT)
+    return load_config(DEMO_CONFIG, [*LABELS, *overrides])
+
+
+@pytest.fixture(scope="module")
+def labelled(local_ray, demo_world, tmp_path_factory) -> Path:
+    """A run directory whose iteration 0 is collected from the demo world's 2,000 training problems."""
+    run = tmp_path_factory.mktemp("labelled") / "run"
+    run_collect(config(), run, 0)
+    return run
+
+
+def copy_labels(labelled: Path, to: Path) -> Path:
+    shutil.copytree(labelled, to)
+    return to
+
+
+def val_accuracy(run: Path, router_dir: Path, seed: int = 0, fraction: float = 0.1) -> float:
+    """The exported router's accuracy on the validation examples, recomputed from the shards."""
+    table = read_rows(run, 0, columns=["slm_hidden", "label"])
+    val = np.array([is_validation(i, seed, fraction) for i in table.column("example_id").to_pylist()])
+    x = torch.tensor(np.stack(table.column("slm_hidden").to_numpy(zero_copy_only=False)[val]).astype(np.float32))
+    y = np.asarray(table.column("label"))[val]
+    keep = load_router(router_dir).router.prob(x).numpy() >= 0.5
+    return float((keep == (y == 1)).mean())
+
+
+def test_router_beats_the_majority_rate_and_random_routing(labelled, tmp_path):
+    run = copy_labels(labelled, tmp_path / "run")
+    cfg = config("train.epochs=10")
+    summary = fit_router(cfg, run, 0)
+    best = summary["best"]
+    history = summary["history"]
+    assert [m["epoch"] for m in history] == list(range(1, summary["epochs_run"] + 1))
+    assert best["val_loss"] == min(m["val_loss"] for m in history)
+    # Label 1 ("SLM is enough") is the majority; beat it clearly: 30% of its errors gone, or more.
+    majority = best["val_majority_rate"]
+    assert majority > 0.9 and 1 - best["val_accuracy"] < 0.7 * (1 - majority)
+    assert best["val_precision_llm"] > 0.5 and best["val_recall_llm"] > 0.3
+
+    router_dir = iteration_dir(run, 0) / "router"
+    saved = load_router(router_dir, expected_input_size=48)
+    assert saved.meta["epoch"] == summary["best_epoch"] and saved.meta["metrics"]["val_loss"] == best["val_loss"]
+    # What was exported is the best epoch itself: it reproduces that epoch's validation accuracy.
+    assert val_accuracy(run, router_dir) == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert json.loads((iteration_dir(run, 0) / TRAIN_DIR / "_DONE").read_text())["best_epoch"] == best["epoch"]
+
+    ecfg = config("eval.n_examples=150", "eval.methods=[router,random]", "eval.thresholds=[0.5,0.8,0.95]",
+                  "eval.random_ratios=[0.1,0.3,0.6]")
+    pair = load_pair(ecfg.models)
+    examples = load_examples(ecfg.task, "eval", limit=150)
+    prompts = encode_prompts(pair.tokenizer, [e.prompt for e in examples], False)
+    result = evaluate_methods(pair, saved.router, prompts, examples, ecfg)
+    assert result["auc"]["router"] > result["auc"]["random"] + 0.1
+
+
+def test_killed_worker_is_restarted_from_its_checkpoint(labelled, tmp_path):
+    run = copy_labels(labelled, tmp_path / "run")
+    cfg = config(*SLOW_EPOCHS, "deepspeed.zero_stage=2", "train.max_failures=2")
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("summary", fit_router(cfg, run, 0)))
+    thread.start()
+    train_dir = iteration_dir(run, 0) / TRAIN_DIR
+    deadline = time.time() + 300
+    while len(list(train_dir.glob("checkpoint_*"))) < 2 and time.time() < deadline and thread.is_alive():
+        time.sleep(0.1)
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"RayTrainWorker" in _cmdline(p)]
+    assert workers, "no Ray Train worker process found to kill"
+    os.kill(int(workers[-1].name), signal.SIGKILL)
+    killed_after = len(list(train_dir.glob("checkpoint_*")))
+    thread.join(timeout=600)
+    summary = out["summary"]
+    assert 2 <= killed_after < 6, "the kill must land part-way"
+    assert summary["epochs_run"] == 6 and [m["epoch"] for m in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    # A checkpoint's folder appears just before Ray records it, so the last one seen may not count yet.
+    assert len(summary["resumed_from"]) == 1 and 1 <= killed_after - 1 <= summary["resumed_from"][0] <= killed_after
+    assert val_accuracy(run, iteration_dir(run, 0) / "router") == pytest.approx(summary["best"]["val_accuracy"])
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_stopped_driver_resumes_from_the_last_epoch(labelled, tmp_path):
+    run = copy_labels(labelled, tmp_path / "run")
+    args = ["fit-router", str(DEMO_CONFIG), "--run", str(run), *LABELS, *SLOW_EPOCHS]
+    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    train_dir = iteration_dir(run, 0) / TRAIN_DIR
+    deadline = time.time() + 300
+    while len(list(train_dir.glob("checkpoint_*"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    kill_session(proc.pid)
+    proc.wait()
+    stopped_after = len(list(train_dir.glob("checkpoint_*")))
+    assert 2 <= stopped_after < 6 and not (iteration_dir(run, 0) / "router").exists()
+
+    resumed = run_citer(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "best epoch" in resumed.stdout
+    summary = json.loads((train_dir / "_DONE").read_text())
+    assert summary["epochs_run"] == 6 and [m["epoch"] for m in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    # Continued after the last recorded checkpoint, not from zero (the newest folder may not be recorded yet).
+    assert len(summary["resumed_from"]) == 1 and 1 <= stopped_after - 1 <= summary["resumed_from"][0] <= stopped_after
+
+
+def test_bad_deepspeed_config_shards_and_collect_dir_are_refused(labelled, tmp_path):
+    proc = run_citer("fit-router", str(DEMO_CONFIG), "--run", str(tmp_path / "r"),
+                     "deepspeed.extra.zero_optimisation={stage: 1}")
+    assert proc.returncode == 2
+    assert "key 'deepspeed.extra.zero_optimisation': not a DeepSpeed config key (did you mean " \
+           "'deepspeed.extra.zero_optimization'?)" in proc.stderr and "demo.yaml" in proc.stderr
+
+    run = copy_labels(labelled, tmp_path / "run")
+    with pytest.raises(CiterError, match="DeepSpeed rejected the config .*: offload_everything: Extra inputs are "
+                                         r"not permitted \(in DeepSpeed's DeepSpeedZeroConfig\)"):
+        fit_router(config("deepspeed.extra.zero_optimization={offload_everything: true}"), run, 0)
+
+    shard = sorted(collect_dir(run, 0).glob("part-*.parquet"))[1]
+    table = pq.read_table(shard)
+    before = shard.read_bytes()
+    short = pa.array([h[:40] for h in table.column("slm_hidden").to_pylist()],
+                     type=table.schema.field("slm_hidden").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("slm_hidden"), "slm_hidden", short), shard)
+    with pytest.raises(CiterError, match=f"{shard.name}: field 'slm_hidden' has 40 values per token, but the SLM "
+                                         ".* has hidden size 48"):
+        fit_router(config(), run, 0)
+    assert not (iteration_dir(run, 0) / TRAIN_DIR).exists()
+    shard.write_bytes(before)
+
+    empty = tmp_path / "empty"
+    collect_dir(empty, 0).mkdir(parents=True)
+    with pytest.raises(CiterError, match="no labelled shards to train on"):
+        fit_router(config(), empty, 0)
