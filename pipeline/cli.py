@@ -106,7 +106,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.submit import submit
 
     return submit(args.config, args.overrides, args.address, run=args.run, follow=not args.no_follow,
-                  runtime_env_file=args.runtime_env)
+                  runtime_env_file=args.runtime_env, secrets=args.forward_secrets)
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of a single-stage command: CONFIG --run DIR --iteration N [overrides]."""
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,20 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Label every reference token of the training examples with the shortcut rules "
                                    "and rollouts, on Ray Data actors holding both models; write Parquet shards "
                                    "under RUN/iter-NNN/collect/. Rerunning skips complete shards.")
-    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    add_stage_arguments(p)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("fit-router", help="train the router on an iteration's labels (Ray Train + DeepSpeed)",
                        description="Train the router on RUN/iter-NNN/collect/ with Ray Train and DeepSpeed, "
                                    "printing each epoch's metrics; export the best epoch to RUN/iter-NNN/router/. "
                                    "Rerunning an interrupted stage continues from its last checkpoint.")
-    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    add_stage_arguments(p)
     p.set_defaults(func=cmd_fit_router)
 
     p = sub.add_parser("train", help="the whole loop: collect -> train -> evaluate for loop.iterations iterations",
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run `citer train` as a Ray job on a cluster and follow its logs",
                        description="Submit `citer train CONFIG` to a Ray cluster with Ray's job submission API: "
                                    "the job gets this directory (without .git, .venv, .citer, runs) and the W&B "
-                                   "and HF variables set here. Submitting the same config again resumes its run "
+                                   "and HF variables set here (API keys only with --forward-secrets). Submitting "
+                                   "the same config again resumes its run "
                                    "(the run directory is on the cluster's storage).")
     p.add_argument("config", help="YAML config inside this directory, e.g. jobs/configs/gsm8k-qwen2.yaml")
     p.add_argument("--address", required=True,
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory on the cluster (default: STORAGE/NAME from the config)")
     p.add_argument("--runtime-env", help="extra runtime env YAML, e.g. cluster/runtime-env.yaml")
     p.add_argument("--no-follow", action="store_true", help="return once submitted instead of following the logs")
+    p.add_argument("--forward-secrets", action="store_true",
+                   help="also pass WANDB_API_KEY and HF_TOKEN to the job (Ray keeps a job's runtime env in its job "
+                        "table, readable from the dashboard; prefer the cluster's secret store)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_submit)
     return parser

@@ -82,7 +82,7 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty section flattens to nothing, the same as an absent one
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -240,6 +240,14 @@ class TokenLabeler:
 # not a 2 s wait (stack-notes.md).
 RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Passed on to Ray's processes (and to Ray jobs) when set: where W&B logs and how, where models
+# are cached. API keys are not among them (see submit.SECRET_ENV).
+FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR",
+                 "HF_HOME", "HF_HUB_OFFLINE")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def ensure_ray() -> None:
@@ -253,7 +261,8 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if not address:
-        kwargs.update(include_dashboard=False, runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV}})
+        kwargs.update(include_dashboard=False,
+                      runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env()}})
         if os.environ.get("CITER_OBJECT_STORE_BYTES"):
             kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
     ray.init(address=address, **kwargs)

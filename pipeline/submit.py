@@ -2,7 +2,7 @@
 
 The job's entrypoint is `python jobs/entrypoint.py CONFIG [--run DIR] [overrides]`, run in a copy of
 this working directory (without .git, the virtual environment, the demo world cache or local
-runs) with the environment variables W&B and the hub need. The run directory lives on the
+runs) with the W&B and hub variables of the submitting shell (API keys only when asked). The run directory lives on the
 cluster's storage, so submitting the same config again resumes the same run.
 """
 
@@ -19,21 +19,22 @@ from typing import Any
 import yaml
 
 from pipeline import CiterError
-from pipeline.collect import RAY_TRAIN_ENV
+from pipeline.collect import RAY_TRAIN_ENV, forwarded_env
 from pipeline.config import load_config
 
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "jobs/entrypoint.py"
 EXCLUDES = [".git", ".venv", ".citer", "runs", "wandb", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache"]
-# Forwarded from the submitting shell to the job when set. Values are never logged.
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL",
-                 "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HOME")
+# Secrets are forwarded only with --forward-secrets: Ray keeps a job's runtime env in its job
+# table, where anyone with dashboard access can read it. On a cluster they belong in its secret
+# store (the KubeRay manifests read them from a Secret). Values are never logged.
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN")
 
 
-def runtime_env(working_dir: Path, extra_file: str | None = None) -> dict[str, Any]:
+def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool = False) -> dict[str, Any]:
     """The job's runtime env: `extra_file`'s (e.g. cluster/runtime-env.yaml), then the working dir,
-    the excludes and the forwarded variables on top."""
+    the excludes and the forwarded variables (with `secrets`, the API keys too) on top."""
     env: dict[str, Any] = {}
     if extra_file:
         try:
@@ -42,8 +43,9 @@ def runtime_env(working_dir: Path, extra_file: str | None = None) -> dict[str, A
             raise CiterError(f"{extra_file}: cannot read the runtime env ({e})") from None
         if not isinstance(env, dict):
             raise CiterError(f"{extra_file}: a runtime env must be a mapping (working_dir, env_vars, pip, ...)")
-    env_vars = {**RAY_TRAIN_ENV, **env.get("env_vars", {})}
-    env_vars.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    env_vars = {**RAY_TRAIN_ENV, **env.get("env_vars", {}), **forwarded_env()}
+    if secrets:
+        env_vars.update({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)})
     return {**env, "working_dir": str(working_dir), "excludes": sorted({*EXCLUDES, *env.get("excludes", [])}),
             "env_vars": env_vars}
 
@@ -55,7 +57,7 @@ def describe(env: dict[str, Any]) -> str:
 
 
 def submit(config: str, overrides: list[str], address: str, run: str | None = None, follow: bool = True,
-           runtime_env_file: str | None = None, working_dir: str = ".") -> int:
+           runtime_env_file: str | None = None, working_dir: str = ".", secrets: bool = False) -> int:
     """Submit the job; with `follow`, print its logs until it ends. Returns 0 when it succeeded."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -68,7 +70,7 @@ def submit(config: str, overrides: list[str], address: str, run: str | None = No
                          "job receives") from None
     args = [str(rel_config), *(["--run", run] if run else []), *overrides]
     entrypoint = f"python {ENTRYPOINT} {shlex.join(args)}"
-    env = runtime_env(wd, runtime_env_file)
+    env = runtime_env(wd, runtime_env_file, secrets)
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # connection refused, wrong scheme, no dashboard

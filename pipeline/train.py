@@ -289,10 +289,10 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     if done.is_file():
         log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
         return json.loads(done.read_text())
-    check_run_config(cfg, run)
-    files = labelled_shards(cfg, run, iteration)
     ds_config = deepspeed_config(cfg)
-    check_deepspeed_config(ds_config)
+    check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
+    files = labelled_shards(cfg, run, iteration)
+    check_run_config(cfg, run)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
     hidden = len(pq.ParquetFile(files[0]).read_row_group(0, columns=["slm_hidden"]).column(0)[0])

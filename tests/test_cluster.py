@@ -8,7 +8,7 @@ import ray
 import yaml
 
 from pipeline.config import load_config
-from pipeline.submit import EXCLUDES, runtime_env
+from pipeline.submit import EXCLUDES, describe, runtime_env
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
@@ -84,3 +84,13 @@ def test_cluster_configs_load_and_use_gpus():
         assert cfg.models.device == "cuda" and cfg.deepspeed.bf16 and cfg.train.gpus_per_worker >= 1
         assert cfg.collect.num_gpus_per_actor >= 1 and cfg.storage.startswith("/mnt/shared")
         assert cfg.demo is None and not Path(cfg.task.train_path).exists()  # hub names, not local files
+
+
+def test_api_keys_reach_a_job_only_when_asked_and_are_never_described(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_PROJECT", "citer-test")
+    plain = runtime_env(ROOT)
+    assert plain["env_vars"]["WANDB_PROJECT"] == "citer-test" and "WANDB_API_KEY" not in plain["env_vars"]
+    forwarded = runtime_env(ROOT, secrets=True)
+    assert forwarded["env_vars"]["WANDB_API_KEY"] == "k" * 40
+    assert "k" * 40 not in describe(forwarded) and "WANDB_API_KEY" in describe(forwarded)

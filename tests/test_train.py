@@ -44,7 +44,9 @@ def labelled(local_ray, demo_world, tmp_path_factory) -> Path:
 
 
 def copy_labels(labelled: Path, to: Path) -> Path:
+    """A new run starting from the labelled shards (run.json goes: its train keys may differ)."""
     shutil.copytree(labelled, to)
+    (to / "run.json").unlink()
     return to
 
 
@@ -152,6 +154,7 @@ def test_bad_deepspeed_config_shards_and_collect_dir_are_refused(labelled, tmp_p
     with pytest.raises(CiterError, match="DeepSpeed rejected the config .*: offload_everything: Extra inputs are "
                                          r"not permitted \(in DeepSpeed's DeepSpeedZeroConfig\)"):
         fit_router(config("deepspeed.extra.zero_optimization={offload_everything: true}"), run, 0)
+    assert not (run / "run.json").exists()  # a refused config is not recorded
 
     shard = sorted(collect_dir(run, 0).glob("part-*.parquet"))[1]
     table = pq.read_table(shard)
