@@ -67,3 +67,12 @@ def kill_session(pid: int) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def digest(directory: Path, pattern: str = "part-*.parquet", skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under `directory` matching `pattern` (by default a collect stage's
+    shards), by relative path, leaving out the names in `skip`."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob(pattern)) if p.is_file() and p.name not in skip}

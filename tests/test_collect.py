@@ -1,15 +1,10 @@
 """The collect stage: shortcut labels in one forward pass, batched rollouts, Parquet shards on Ray Data."""
 
 import dataclasses
-import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -21,7 +16,7 @@ from pipeline.models import load_pair
 from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, label_examples, rollout_outcomes, teacher_forced
 from pipeline.router import Router, RouterSpec, save_router
 from pipeline.tasks import load_examples
-from tests.conftest import DEMO_CONFIG, ROOT, kill_session
+from tests.conftest import DEMO_CONFIG, ROOT, digest
 
 # With the SLM standing in for the LLM, every SLM error is case 3: rollouts get real work.
 ROLLOUT_HEAVY = ["models.llm=.citer/demo-world/slm"]
@@ -128,42 +123,6 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
     expected = rollout_outcomes(pair, starts, lengths, answers, task_format="gsm8k",
                                 policy=RouterPolicy(router, cfg.collect.threshold), max_new_tokens=128, batch_size=16)
     assert [second[k]["rollout_correct"] for k in redo] == expected
-
-
-def digest(directory) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("part-*.parquet"))}
-
-
-def test_killed_collect_resumes_to_the_same_rows(local_ray, demo_world, tmp_path):
-    args = ["collect", str(DEMO_CONFIG), "collect.n_examples=96", "collect.shard_size=2", "collect.num_actors=1",
-            *ROLLOUT_HEAVY]
-    reference = tmp_path / "uninterrupted"
-    run_collect(load_config(DEMO_CONFIG, args[2:]), reference, 0)
-
-    run = tmp_path / "interrupted"
-    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--run", str(run)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    out = collect_dir(run, 0)
-    deadline = time.time() + 300
-    while len(list(out.glob("part-*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    kill_session(proc.pid)
-    proc.wait()
-    written = list(out.glob("part-*.parquet"))
-    assert 2 <= len(written) < 48 and not (out / DONE).exists(), "the kill must land part-way"
-    for f in written:  # every visible shard is complete
-        assert pq.read_table(f).num_rows > 0
-
-    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--run", str(run)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert not list(out.glob(".part-*"))  # no temporary file left
-    assert digest(out) == digest(collect_dir(reference, 0)) and len(digest(out)) == 48
-    a, b = read_rows(run, 0), read_rows(reference, 0)
-    assert a.equals(b)
-    keys = [(r["example_id"], r["position"]) for r in a.select(["example_id", "position"]).to_pylist()]
-    assert len(keys) == len(set(keys))  # no duplicated rows
 
 
 def test_bad_input_is_refused_and_nothing_written_is_damaged(local_ray, demo_world, tmp_path):
