@@ -152,6 +152,17 @@ def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool) -> 
 # The per-worker loop
 
 
+def quiet_train_worker_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO from every rank; rank 0 prints one line
+    per epoch instead. (Ray 2.60 names one of those loggers after its file, not its module.)"""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed engine, epochs, validation, checkpoint + report per epoch."""
     import deepspeed
@@ -164,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(Config, config["cfg"], source="train stage config")
     tc = cfg.train
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours to print
+    quiet_train_worker_logs()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
