@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.collect import DONE, RUN_JSON, SCHEMA, collect_dir, shard_path
+from pipeline.collect import DONE, RUN_JSON, SCHEMA, collect_dir, read_rows, shard_path
 from pipeline.config import Config, ModelsConfig, TaskConfig, TrainConfig
 from pipeline.io import atomic_write_json
 from pipeline.router import Router, router_spec
-from pipeline.train import fit_router, is_validation
+from pipeline.train import fit_router, to_arrays
 
 
 def write_shards(run: Path, rows: int, hidden: int, tokens_per_example: int = 50, shard_rows: int = 20_000) -> None:
@@ -69,13 +69,9 @@ def plain_torch(run: Path, cfg: Config, hidden: int) -> dict:
     """The baseline: the same router, loss and optimizer in one process, no Ray, no DeepSpeed."""
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    table = pa.concat_tables(pq.read_table(f, columns=["example_id", "slm_hidden", "label"])
-                             for f in sorted(collect_dir(run, 0).glob("part-*.parquet")))
-    train = ~np.array([is_validation(i, cfg.seed, cfg.train.val_fraction)
-                       for i in table.column("example_id").to_pylist()])
-    flat = table.column("slm_hidden").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    x = torch.from_numpy(flat.reshape(-1, hidden)[train].astype(np.float32))
-    y = torch.from_numpy(np.asarray(table.column("label"), dtype=np.float32)[train])
+    train = to_arrays(read_rows(run, 0, columns=["slm_hidden", "label"]), cfg.seed, cfg.train.val_fraction,
+                      validation=False)
+    x, y = torch.from_numpy(train["x"].astype(np.float32)), torch.from_numpy(train["y"])
     prepare = time.perf_counter() - t0
     torch.manual_seed(0)
     router = Router(router_spec(hidden, cfg.router))

@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from pipeline.collect import run_collect
+    from pipeline.collect import collect_dir, run_collect
 
     cfg = load_job_config(args.config, args.overrides)
     summary = run_collect(cfg, args.run, args.iteration)
@@ -64,11 +64,12 @@ def cmd_collect(args: argparse.Namespace) -> None:
           f"({cases['2'] / total:.1%}), case 3 (rollout) {cases['3']} ({cases['3'] / total:.1%}); "
           f"{summary['case3_dropped_by_cap']} case-3 tokens dropped by collect.max_rollouts_per_example")
     rate = f"{summary['rows_per_s']:.0f} rows/s" if summary["rows_per_s"] else "nothing left to label"
-    where = Path(args.run) / f"iter-{args.iteration:03d}" / "collect"
+    where = collect_dir(args.run, args.iteration)
     print(f"  {summary['seconds']:.1f} s, {rate}; shards in {where}")
 
 
 def cmd_fit_router(args: argparse.Namespace) -> None:
+    from pipeline.collect import router_dir
     from pipeline.train import fit_router
 
     cfg = load_job_config(args.config, args.overrides)
@@ -80,20 +81,22 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
           f"{best['val_majority_rate']:.2%}), prefer-LLM precision {best['val_precision_llm']:.2f} recall "
           f"{best['val_recall_llm']:.2f}")
     print(f"  {summary['fit_seconds']:.1f} s on {summary['num_workers']} workers; router in "
-          f"{Path(args.run) / f'iter-{args.iteration:03d}' / 'router'}")
+          f"{router_dir(args.run, args.iteration)}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.collect import iteration_dir, router_dir
     from pipeline.evaluate import format_table
-    from pipeline.loop import CURVE_PNG, default_run_dir, run_loop
+    from pipeline.loop import CURVE_PNG, METRICS, default_run_dir, run_loop
 
     cfg = load_job_config(args.config, args.overrides)
     run = Path(args.run) if args.run else default_run_dir(cfg)
     result = run_loop(cfg, run)
-    last = run / f"iter-{cfg.loop.iterations - 1:03d}"
-    print(f"\nfinal curve (iteration {cfg.loop.iterations - 1}) against the baselines:")
+    last = cfg.loop.iterations - 1
+    print(f"\nfinal curve (iteration {last}) against the baselines:")
     print(format_table(result))
-    print(f"\ncurve: {last / CURVE_PNG}\nmetrics per iteration: {run / 'metrics.jsonl'}\nrouter: {last / 'router'}")
+    print(f"\ncurve: {iteration_dir(run, last) / CURVE_PNG}\nmetrics per iteration: {run / METRICS}\n"
+          f"router: {router_dir(run, last)}")
 
 
 def cmd_status(args: argparse.Namespace) -> None:

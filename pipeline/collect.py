@@ -65,6 +65,11 @@ def collect_dir(run: str | Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "collect"
 
 
+def router_dir(run: str | Path, iteration: int) -> Path:
+    """Where an iteration's trained router is exported (the decoder's format)."""
+    return iteration_dir(run, iteration) / "router"
+
+
 def shard_path(directory: Path, shard: int) -> Path:
     return directory / f"part-{shard:05d}.parquet"
 
@@ -96,6 +101,10 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> li
     return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def read_run_record(run: Path) -> dict[str, Any] | None:
     """`run.json` of a run directory, or None before the first stage."""
     path = run / RUN_JSON
@@ -112,7 +121,7 @@ def read_run_record(run: Path) -> dict[str, Any] | None:
 def update_run_record(run: Path, **fields: Any) -> dict[str, Any]:
     """Merge `fields` into `run.json` (atomically) and stamp `updated`."""
     record = read_run_record(run) or {}
-    record.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record.update(fields, updated=_now())
     atomic_write_json(run / RUN_JSON, record)
     return record
 
@@ -125,8 +134,7 @@ def check_run_config(cfg: Config, run: Path) -> None:
     record = read_run_record(run)
     if record is None:
         run.mkdir(parents=True, exist_ok=True)
-        update_run_record(run, config=cfg.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          code_version=__version__)
+        update_run_record(run, config=cfg.to_dict(), created=_now(), code_version=__version__)
         return
     diff = config_differences(record["config"], cfg.to_dict(), RESUMABLE_CHANGES)
     if diff:
@@ -208,8 +216,8 @@ class TokenLabeler:
         if iteration == 0:
             self.policy = SLMOnly()
         else:
-            router_dir = iteration_dir(run, iteration - 1) / "router"
-            router = load_router(router_dir, expected_input_size=self.pair.hidden_size, device=self.pair.device)
+            router = load_router(router_dir(run, iteration - 1), expected_input_size=self.pair.hidden_size,
+                                 device=self.pair.device)
             self.policy = RouterPolicy(router.router, self.cfg.collect.threshold)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -309,9 +317,9 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     if iteration > 0 and not (collect_dir(run, 0) / DONE).is_file():
         raise CiterError(f"iteration {iteration} reuses iteration 0's labels, but {collect_dir(run, 0)} "
                          "is not complete")
-    if iteration > 0 and not (iteration_dir(run, iteration - 1) / "router").is_dir():
+    if iteration > 0 and not router_dir(run, iteration - 1).is_dir():
         raise CiterError(f"iteration {iteration} rolls out under the router of iteration {iteration - 1}, but "
-                         f"{iteration_dir(run, iteration - 1) / 'router'} does not exist")
+                         f"{router_dir(run, iteration - 1)} does not exist")
     run.mkdir(parents=True, exist_ok=True)
     check_run_config(cfg, run)
     examples = load_examples(cfg.task, "train", limit=cfg.collect.n_examples)

@@ -35,6 +35,7 @@ from pipeline.collect import (
     iteration_dir,
     read_rows,
     read_run_record,
+    router_dir,
     run_collect,
     update_run_record,
 )
@@ -72,15 +73,12 @@ def router_agreement(cfg: Config, run: Path, iteration: int) -> float:
     import torch
 
     from pipeline.router import load_router
-    from pipeline.train import ROUTER_DIR, is_validation
+    from pipeline.train import to_arrays
 
-    table = read_rows(run, iteration, columns=["slm_hidden"])
-    held_out = np.array([is_validation(i, cfg.seed, cfg.train.val_fraction)
-                         for i in table.column("example_id").to_pylist()])
-    hidden = np.stack(table.column("slm_hidden").to_numpy(zero_copy_only=False)[held_out]).astype(np.float32)
-    x = torch.from_numpy(hidden)
-    keep = [load_router(iteration_dir(run, k) / ROUTER_DIR).router.prob(x).numpy() >= 0.5
-            for k in (iteration - 1, iteration)]
+    held_out = to_arrays(read_rows(run, iteration, columns=["slm_hidden", "label"]), cfg.seed,
+                         cfg.train.val_fraction, validation=True)
+    x = torch.from_numpy(held_out["x"].astype(np.float32))
+    keep = [load_router(router_dir(run, k)).router.prob(x).numpy() >= 0.5 for k in (iteration - 1, iteration)]
     return float((keep[0] == keep[1]).mean())
 
 
@@ -194,7 +192,6 @@ def write_metrics_record(run: Path, metrics: dict[str, Any]) -> None:
 def evaluate_iteration(cfg: Config, run: Path, iteration: int) -> tuple[dict[str, Any], float]:
     """The iteration's eval.json (decoded now unless already there) and the seconds it took."""
     from pipeline.evaluate import run_eval
-    from pipeline.train import ROUTER_DIR
 
     it = iteration_dir(run, iteration)
     if (it / EVAL_JSON).is_file():
@@ -204,7 +201,7 @@ def evaluate_iteration(cfg: Config, run: Path, iteration: int) -> tuple[dict[str
     if iteration > 0 and (iteration_dir(run, 0) / EVAL_JSON).is_file():
         baselines = json.loads((iteration_dir(run, 0) / EVAL_JSON).read_text())
     t0 = time.perf_counter()
-    result = run_eval(cfg, it, router_dir=it / ROUTER_DIR, baselines=baselines)
+    result = run_eval(cfg, it, router_dir=router_dir(run, iteration), baselines=baselines)
     return result, time.perf_counter() - t0
 
 
@@ -249,7 +246,7 @@ def run_loop(cfg: Config, run: str | Path | None = None) -> dict[str, Any]:
 def run_status(run: str | Path) -> str:
     """Where a run stands, stage by stage, as text."""
     from pipeline.collect import collect_dir
-    from pipeline.train import ROUTER_DIR, TRAIN_DIR
+    from pipeline.train import TRAIN_DIR
 
     run = Path(run)
     record = read_run_record(run)
@@ -295,7 +292,7 @@ def run_status(run: str | Path) -> str:
             evaluation = "done, AUC " + ", ".join(f"{m} {a:.3f}" for m, a in sorted(e["auc"].items(),
                                                                                    key=lambda kv: -kv[1]))
         else:
-            evaluation = "not complete" if (it / ROUTER_DIR).exists() else "not started"
+            evaluation = "not complete" if router_dir(run, k).exists() else "not started"
         state = "complete" if (it / DONE).is_file() else "in progress"
         lines += [f"  iter-{k:03d} ({state})", f"    collect: {collect}", f"    train:   {train}",
                   f"    eval:    {evaluation}"]

@@ -37,14 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
-from pipeline.collect import DONE, check_run_config, collect_dir, ensure_ray, iteration_dir, read_rows
+from pipeline.collect import DONE, check_run_config, collect_dir, ensure_ray, iteration_dir, read_rows, router_dir
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 TAG = "citer"  # DeepSpeed checkpoint tag inside every Ray checkpoint
-TRAIN_DIR, ROUTER_DIR = "train", "router"
+TRAIN_DIR = "train"
 PER_RUN = ("best_epoch", "stopped_early", "resumed_from")  # report keys about the run, not the epoch
 
 
@@ -98,9 +98,9 @@ def is_validation(example_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def labelled_shards(cfg: Config, run: Path, iteration: int) -> list[Path]:
-    """The iteration's complete shards; refuse a missing or unfinished collect stage, or shards
-    whose hidden states do not have the SLM's hidden size."""
+def labelled_shards(cfg: Config, run: Path, iteration: int) -> tuple[list[Path], int]:
+    """The iteration's complete shards and the SLM's hidden size; refuse a missing or unfinished
+    collect stage, or shards whose hidden states do not have that size."""
     from transformers import AutoConfig
 
     directory = collect_dir(run, iteration)
@@ -118,7 +118,7 @@ def labelled_shards(cfg: Config, run: Path, iteration: int) -> list[Path]:
             raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
                              f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
                              "another SLM")
-    return files
+    return files, hidden
 
 
 def split_counts(run: Path, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
@@ -294,7 +294,7 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.router import Router, router_spec, save_router
+    from pipeline.router import WEIGHTS, Router, router_spec, save_router
 
     run = Path(run).resolve()
     it_dir = iteration_dir(run, iteration)
@@ -304,13 +304,12 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         return json.loads(done.read_text())
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
-    files = labelled_shards(cfg, run, iteration)
+    files, hidden = labelled_shards(cfg, run, iteration)
     check_run_config(cfg, run)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
-    hidden = len(pq.ParquetFile(files[0]).read_row_group(0, columns=["slm_hidden"]).column(0)[0])
     spec = router_spec(hidden, cfg.router)
-    warm = iteration_dir(run, iteration - 1) / ROUTER_DIR / "router.safetensors" if iteration > 0 else None
+    warm = router_dir(run, iteration - 1) / WEIGHTS if iteration > 0 else None
     if tc.warm_start and warm is not None and not warm.is_file():
         raise CiterError(f"train.warm_start is on, but {warm} does not exist")
     log.info("train iteration %d: %d train / %d validation tokens (%d / %d examples), %d workers, ZeRO %d",
@@ -376,12 +375,12 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         "fit_started_at": fit_started_at,
         "rows_per_s": sum(m["train_rows"] for m in history) / fit_seconds,
     }
-    with atomic_directory(it_dir / ROUTER_DIR) as tmp:
+    with atomic_directory(router_dir(run, iteration)) as tmp:
         save_router(router.eval(), tmp, meta={"iteration": iteration, "epoch": best["epoch"],
                                               "metrics": summary["best"], "slm": cfg.models.slm})
     atomic_write_json(done, summary)
     log.info("router of iteration %d: epoch %d of %d, val loss %.4f, val accuracy %.2f%% -> %s", iteration,
              best["epoch"], summary["epochs_run"], best["val_loss"], 100 * best["val_accuracy"],
-             it_dir / ROUTER_DIR)
+             router_dir(run, iteration))
     return summary
 
