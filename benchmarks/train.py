@@ -30,10 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.collect import DONE, RUN_JSON, SCHEMA, collect_dir, read_rows, shard_path
+from pipeline.collect import SCHEMA, read_rows
 from pipeline.config import Config, ModelsConfig, TaskConfig, TrainConfig
 from pipeline.io import atomic_write_json
 from pipeline.router import Router, router_spec
+from pipeline.rundir import DONE, RUN_JSON, collect_dir, shard_path
 from pipeline.train import fit_router, to_arrays
 
 

@@ -2,8 +2,10 @@
 
 The job's entrypoint is `python jobs/entrypoint.py CONFIG [--run DIR] [overrides]`, run in a copy of
 this working directory (without .git, the virtual environment, the demo world cache or local
-runs) with the W&B and hub variables of the submitting shell (API keys only when asked). The run directory lives on the
-cluster's storage, so submitting the same config again resumes the same run.
+runs) with the W&B and hub settings of the submitting shell, less its paths (LOCAL_PATH_ENV) and
+API keys (SECRET_ENV, only when asked). On a GPU config the driver gets a collect actor's GPUs: the
+eval stage loads the model pair in the driver. The run directory lives on the cluster's storage, so
+submitting the same config again resumes the same run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 import yaml
 
 from pipeline import CiterError
-from pipeline.collect import RAY_TRAIN_ENV, forwarded_env
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
+from pipeline.rundir import RAY_TRAIN_ENV, forwarded_env
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,30 @@ EXCLUDES = [".git", ".venv", ".citer", "runs", "wandb", "__pycache__", "*.pyc", 
 # table, where anyone with dashboard access can read it. On a cluster they belong in its secret
 # store (the KubeRay manifests read them from a Secret). Values are never logged.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN")
+# Paths on the submitting machine (a laptop's ~/.cache/huggingface) that mean nothing on a cluster, so they are
+# not forwarded: the cluster's own values apply (the --runtime-env file, the pods' or image's environment).
+LOCAL_PATH_ENV = ("HF_HOME", "WANDB_DIR")
+
+
+def job_env() -> dict[str, str]:
+    """The forwarded variables of this shell (rundir.FORWARDED_ENV that are set) less LOCAL_PATH_ENV."""
+    env = forwarded_env()
+    skipped = sorted(k for k in env if k in LOCAL_PATH_ENV)
+    if skipped:
+        log.info("not forwarding %s (paths on this machine); set cluster paths in the --runtime-env file",
+                 ", ".join(skipped))
+    return {k: v for k, v in env.items() if k not in LOCAL_PATH_ENV}
+
+
+def driver_gpus(cfg: Config) -> float:
+    """GPUs to reserve for the job's driver: the eval stage loads the model pair in the driver, so on a GPU
+    config it needs what a collect actor has (and must run on a GPU node, not on a CPU-only head)."""
+    return cfg.collect.num_gpus_per_actor if cfg.models.device != "cpu" else 0.0
 
 
 def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool = False) -> dict[str, Any]:
     """The job's runtime env: `extra_file`'s (e.g. cluster/runtime-env.yaml), then the working dir,
-    the excludes and the forwarded variables (with `secrets`, the API keys too) on top."""
+    the excludes and `job_env()` (with `secrets`, the API keys too) on top. Paths come from the file."""
     env: dict[str, Any] = {}
     if extra_file:
         try:
@@ -43,7 +64,7 @@ def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool 
             raise CiterError(f"{extra_file}: cannot read the runtime env ({e})") from None
         if not isinstance(env, dict):
             raise CiterError(f"{extra_file}: a runtime env must be a mapping (working_dir, env_vars, pip, ...)")
-    env_vars = {**RAY_TRAIN_ENV, **env.get("env_vars", {}), **forwarded_env()}
+    env_vars = {**RAY_TRAIN_ENV, **(env.get("env_vars") or {}), **job_env()}
     if secrets:
         env_vars.update({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)})
     return {**env, "working_dir": str(working_dir), "excludes": sorted({*EXCLUDES, *env.get("excludes", [])}),
@@ -77,9 +98,11 @@ def submit(config: str, overrides: list[str], address: str, run: str | None = No
         raise CiterError(f"cannot reach the Ray cluster at {address} ({type(e).__name__}: {e}); is the head's "
                          "dashboard running and reachable?") from None
     submission_id = f"citer-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log.info("submitting %s to %s: %s; runtime env %s", submission_id, address, entrypoint, describe(env))
+    gpus = driver_gpus(cfg)
+    log.info("submitting %s to %s: %s; runtime env %s; driver GPUs %s", submission_id, address, entrypoint,
+             describe(env), gpus)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
-                               metadata={"citer_run": cfg.name})
+                               metadata={"citer_run": cfg.name}, entrypoint_num_gpus=gpus or None)
     print(f"submitted job {job_id} to {address}")
     print(f"  logs:   ray job logs --address {address} --follow {job_id}")
     print(f"  status: ray job status --address {address} {job_id}")

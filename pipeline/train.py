@@ -37,14 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
-from pipeline.collect import DONE, check_run_config, collect_dir, ensure_ray, iteration_dir, read_rows, router_dir
+from pipeline.collect import read_rows
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, ensure_ray, iteration_dir, router_dir
 
 log = logging.getLogger(__name__)
 
 TAG = "citer"  # DeepSpeed checkpoint tag inside every Ray checkpoint
-TRAIN_DIR = "train"
 PER_RUN = ("best_epoch", "stopped_early", "resumed_from")  # report keys about the run, not the epoch
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import CiterError
-from pipeline.collect import DONE, check_run_config, collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.loop import run_status
+from pipeline.rundir import DONE, check_run_config, collect_dir, iteration_dir
 from tests.conftest import DEMO_CONFIG, ROOT, digest, kill_session, run_citer
 
 SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
@@ -136,9 +137,10 @@ def test_convergence_evidence_counts_flips_and_router_agreement(tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.collect import SCHEMA, shard_path
+    from pipeline.collect import SCHEMA
     from pipeline.loop import label_flips, router_agreement
     from pipeline.router import Router, RouterSpec, save_router
+    from pipeline.rundir import shard_path
     from pipeline.train import is_validation
 
     rng = np.random.default_rng(0)

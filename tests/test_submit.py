@@ -1,4 +1,5 @@
-"""`citer submit` against a real Ray head started with `ray start --head` on loopback."""
+"""`citer submit`: what it sends (a fake client, fast), and a real run against a Ray head started with
+`ray start --head` on loopback (slow)."""
 
 import json
 import os
@@ -6,9 +7,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from pipeline.submit import LOCAL_PATH_ENV, runtime_env, submit
 from tests.conftest import DEMO_CONFIG, ROOT, run_citer
 
 BIN = Path(sys.executable).parent
@@ -18,6 +22,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FakeClient:
+    """Stands in for ray.job_submission.JobSubmissionClient: records what would be submitted."""
+
+    submitted: list[dict[str, Any]] = []
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def submit_job(self, **kwargs: Any) -> str:
+        FakeClient.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+
+@pytest.fixture
+def fake_client(monkeypatch) -> list[dict[str, Any]]:
+    import ray.job_submission
+
+    FakeClient.submitted = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    return FakeClient.submitted
+
+
+def test_paths_of_this_machine_are_not_forwarded_and_the_runtime_env_files_win(monkeypatch):
+    laptop = {"HF_HOME": "/Users/me/.cache/huggingface", "WANDB_DIR": "/Users/me/wandb"}
+    for key, value in laptop.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_PROJECT", "citer-test")
+    assert set(laptop) == set(LOCAL_PATH_ENV)
+    plain = runtime_env(ROOT)["env_vars"]
+    assert not set(laptop) & set(plain) and plain["WANDB_PROJECT"] == "citer-test"
+    cluster_file = ROOT / "cluster" / "runtime-env.yaml"
+    with_file = runtime_env(ROOT, str(cluster_file))["env_vars"]
+    assert with_file["HF_HOME"] == yaml.safe_load(cluster_file.read_text())["env_vars"]["HF_HOME"]
+    assert "WANDB_DIR" not in with_file
+
+
+def test_a_gpu_config_reserves_a_collect_actors_gpus_for_the_driver(fake_client, monkeypatch):
+    """The eval stage loads the model pair in the driver: on a cluster with a CPU head it must run on a GPU node."""
+    monkeypatch.setenv("HF_HOME", "/Users/me/.cache/huggingface")
+    monkeypatch.chdir(ROOT)
+    assert submit("jobs/configs/gsm8k-qwen2.yaml", ["collect.num_gpus_per_actor=2"], "http://127.0.0.1:1",
+                  follow=False, runtime_env_file="cluster/runtime-env.yaml") == 0
+    assert submit(str(DEMO_CONFIG.relative_to(ROOT)), [], "http://127.0.0.1:1", follow=False) == 0
+    gpu, demo = fake_client
+    assert gpu["entrypoint_num_gpus"] == 2 and demo["entrypoint_num_gpus"] is None  # CPU: Ray's default placement
+    assert gpu["entrypoint"].startswith("python jobs/entrypoint.py jobs/configs/gsm8k-qwen2.yaml")
+    assert gpu["runtime_env"]["env_vars"]["HF_HOME"] == "/mnt/shared/hf-cache"
 
 
 @pytest.fixture

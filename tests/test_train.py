@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from pipeline import CiterError
-from pipeline.collect import collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_methods
 from pipeline.models import encode_prompts, load_pair
 from pipeline.router import load_router
+from pipeline.rundir import TRAIN_DIR, collect_dir, iteration_dir
 from pipeline.tasks import load_examples
-from pipeline.train import TRAIN_DIR, fit_router, is_validation
+from pipeline.train import fit_router, is_validation
 from tests.conftest import DEMO_CONFIG, ROOT, run_citer
 
 LABELS = ["collect.shard_size=100"]  # all 2,000 training problems of the demo world

@@ -1,0 +1,173 @@
+"""The run directory: its paths and markers, its run record, and the Ray session its stages run in.
+
+    <storage>/<name>/
+      run.json           config snapshot, W&B run id, code version, progress, created/updated
+      metrics.jsonl      one record per finished iteration (what W&B gets, readable without it)
+      convergence.png    flips, router agreement, LLM calls to target and AUC per iteration
+      wandb/             the W&B run's local files (offline unless configured otherwise)
+      iter-NNN/collect/  labelled shards + _DONE
+      iter-NNN/train/    Ray Train / DeepSpeed checkpoints + _DONE
+      iter-NNN/router/   the iteration's router
+      iter-NNN/eval.json, curve.png
+      iter-NNN/_DONE     the iteration's convergence metrics, written last
+
+`run.json` records the config on first use; a later stage with a config that differs in a key
+outside RESUMABLE_CHANGES is refused. Every stage connects to the cluster in RAY_ADDRESS or starts
+an embedded local Ray (`ensure_ray`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import CiterError
+from pipeline.config import Config
+from pipeline.io import atomic_write_json
+
+DONE = "_DONE"
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+TRAIN_DIR = "train"
+EVAL_JSON, CURVE_PNG, CONVERGENCE_PNG = "eval.json", "curve.png", "convergence.png"
+# Keys that may change between runs over one run directory: how much to do and with what
+# resources, and where to log. Any other change would mix results of two configs in one run
+# (labels, routers or curves already written), so it is refused.
+RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "models.device",
+                     "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
+                     "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
+                     "train.max_failures", "eval.batch_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path(cfg.storage) / cfg.name
+
+
+def iteration_dir(run: str | Path, iteration: int) -> Path:
+    return Path(run) / f"iter-{iteration:03d}"
+
+
+def collect_dir(run: str | Path, iteration: int) -> Path:
+    return iteration_dir(run, iteration) / "collect"
+
+
+def router_dir(run: str | Path, iteration: int) -> Path:
+    """Where an iteration's trained router is exported (the decoder's format)."""
+    return iteration_dir(run, iteration) / "router"
+
+
+def shard_path(directory: Path, shard: int) -> Path:
+    return directory / f"part-{shard:05d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record and its config check
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):  # an empty section flattens to nothing, the same as an absent one
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except those under `ignore`."""
+    a, b = _flatten(old), _flatten(new)
+    ignored = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_run_record(run: Path) -> dict[str, Any] | None:
+    """`run.json` of a run directory, or None before the first stage."""
+    path = run / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["config"]  # noqa: B018 - must be there
+        return record
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
+
+
+def update_run_record(run: Path, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into `run.json` (atomically) and stamp `updated`."""
+    record = read_run_record(run) or {}
+    record.update(fields, updated=_now())
+    atomic_write_json(run / RUN_JSON, record)
+    return record
+
+
+def check_run_config(cfg: Config, run: Path) -> None:
+    """Record the config in `run.json` on first use; refuse one that differs in a key that would
+    invalidate work already in the run directory (anything but RESUMABLE_CHANGES)."""
+    from pipeline import __version__
+
+    record = read_run_record(run)
+    if record is None:
+        run.mkdir(parents=True, exist_ok=True)
+        update_run_record(run, config=cfg.to_dict(), created=_now(), code_version=__version__)
+        return
+    diff = config_differences(record["config"], cfg.to_dict(), RESUMABLE_CHANGES)
+    if diff:
+        a, b = _flatten(record["config"]), _flatten(cfg.to_dict())
+        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise CiterError(
+            f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
+            f"change results already in the run; use a new run directory or restore the old values (keys "
+            f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
+        )
+    if record["config"] != cfg.to_dict():  # allowed changes: the run now goes on with them
+        update_run_record(run, config=cfg.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray session
+
+
+# Environment for Ray's worker processes on an embedded local Ray: one thread each (the CPUs are
+# shared out by Ray), and Ray Train's controller polling often enough that a report per epoch is
+# not a 2 s wait (stack-notes.md).
+RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Passed on to Ray's processes (and to Ray jobs) when set: where W&B logs and how, where models
+# are cached. API keys are not among them (see submit.SECRET_ENV).
+FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR",
+                 "HF_HOME", "HF_HUB_OFFLINE")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+
+    for key, value in RAY_TRAIN_ENV.items():  # read by the Train controller, which runs in this process
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if not address:
+        kwargs.update(include_dashboard=False,
+                      runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env()}})
+        if os.environ.get("CITER_OBJECT_STORE_BYTES"):
+            kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
+    ray.init(address=address, **kwargs)
