@@ -71,7 +71,7 @@ def main() -> None:
     router = Router(RouterSpec(input_size=256)).eval()
     prompts = torch.randint(2, VOCAB, (args.batch, args.prompt_tokens)).tolist()
     prompts[1] = prompts[1][: args.prompt_tokens // 2]  # mixed lengths: a left-padded batch
-    kw = dict(eos_id=1, pad_id=0, max_new_tokens=args.new_tokens)
+    kw = dict(eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens)
     print(f"pair: untrained Llama, SLM hidden 256 x 4 layers ({count_parameters(slm) / 1e6:.1f}M params), "
           f"LLM hidden 768 x 12 layers ({count_parameters(llm) / 1e6:.1f}M params), vocab {VOCAB}")
     print(f"batch {args.batch}, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,11 @@ import pyarrow.parquet as pq
 from pipeline import CiterError
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_write_json, atomic_writer
+from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, ensure_ray, router_dir, shard_path
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
 
-DONE = "_DONE"
-RUN_JSON = "run.json"
 SCHEMA = pa.schema([
     ("example_id", pa.string()),
     ("position", pa.int32()),
@@ -48,105 +46,12 @@ SCHEMA = pa.schema([
     ("case", pa.int8()),
     ("rollout_correct", pa.bool_()),
 ])
-# Keys that may change between runs over one run directory: how much to do and with what
-# resources, and where to log. Any other change would mix results of two configs in one run
-# (labels, routers or curves already written), so it is refused.
-RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "models.device",
-                     "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
-                     "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
-                     "train.max_failures", "eval.batch_size")
-
-
-def iteration_dir(run: str | Path, iteration: int) -> Path:
-    return Path(run) / f"iter-{iteration:03d}"
-
-
-def collect_dir(run: str | Path, iteration: int) -> Path:
-    return iteration_dir(run, iteration) / "collect"
-
-
-def router_dir(run: str | Path, iteration: int) -> Path:
-    """Where an iteration's trained router is exported (the decoder's format)."""
-    return iteration_dir(run, iteration) / "router"
-
-
-def shard_path(directory: Path, shard: int) -> Path:
-    return directory / f"part-{shard:05d}.parquet"
 
 
 def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]:
     """Examples sorted by id, cut into consecutive shards of `shard_size`."""
     ordered = sorted(examples, key=lambda ex: ex.id)
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Run-directory config check
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):  # an empty section flattens to nothing, the same as an absent one
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, except those under `ignore`."""
-    a, b = _flatten(old), _flatten(new)
-    ignored = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)  # noqa: E731
-    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def read_run_record(run: Path) -> dict[str, Any] | None:
-    """`run.json` of a run directory, or None before the first stage."""
-    path = run / RUN_JSON
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        record["config"]  # noqa: B018 - must be there
-        return record
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
-
-
-def update_run_record(run: Path, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into `run.json` (atomically) and stamp `updated`."""
-    record = read_run_record(run) or {}
-    record.update(fields, updated=_now())
-    atomic_write_json(run / RUN_JSON, record)
-    return record
-
-
-def check_run_config(cfg: Config, run: Path) -> None:
-    """Record the config in `run.json` on first use; refuse one that differs in a key that would
-    invalidate work already in the run directory (anything but RESUMABLE_CHANGES)."""
-    from pipeline import __version__
-
-    record = read_run_record(run)
-    if record is None:
-        run.mkdir(parents=True, exist_ok=True)
-        update_run_record(run, config=cfg.to_dict(), created=_now(), code_version=__version__)
-        return
-    diff = config_differences(record["config"], cfg.to_dict(), RESUMABLE_CHANGES)
-    if diff:
-        a, b = _flatten(record["config"]), _flatten(cfg.to_dict())
-        detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        raise CiterError(
-            f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
-            f"change results already in the run; use a new run directory or restore the old values (keys "
-            f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
-        )
-    if record["config"] != cfg.to_dict():  # allowed changes: the run now goes on with them
-        update_run_record(run, config=cfg.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,31 +75,35 @@ def labels_table(labels) -> pa.Table:
                     schema=SCHEMA)
 
 
-def label_shard(pair, cfg: Config, examples: list[Example], policy, previous: pa.Table | None) -> tuple[pa.Table, int]:
+def label_shard(pair, cfg: Config, examples: list[Example], policy,
+                previous: pa.Table | None) -> tuple[pa.Table, dict[str, int]]:
     """Label one shard. Without `previous`, from scratch (teacher-forced pass + rollouts); with
-    iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts."""
-    from pipeline.rewards import NEEDS_ROLLOUT, encode_reference, label_examples, rollout_outcomes, teacher_forced
+    iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts.
+    Returns the table and its counts (`case3_dropped`, `rollouts_unfinished`)."""
+    from pipeline.rewards import NEEDS_ROLLOUT, Rollout, encode_reference, label_examples, run_rollouts, teacher_forced
 
-    kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=cfg.collect.max_new_tokens,
-              batch_size=cfg.collect.batch_size)
+    c = cfg.collect
+    kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
     if previous is None:
-        tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template, batch_size=cfg.collect.batch_size)
-        labels, dropped = label_examples(pair, examples, tf, max_rollouts=cfg.collect.max_rollouts_per_example, **kw)
-        return labels_table(labels), dropped
+        tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template,
+                            system_prompt=cfg.task.system_prompt, batch_size=c.batch_size)
+        labels, counts = label_examples(pair, examples, tf, max_rollouts=c.max_rollouts_per_example,
+                                        case3_labels=c.case3_labels, **kw)
+        return labels_table(labels), counts
     rows = previous.to_pylist()
+    counts = {"case3_dropped": int((previous.schema.metadata or {}).get(b"case3_dropped", 0)),
+              "rollouts_unfinished": 0}
+    redo = [k for k, r in enumerate(rows) if r["case"] == NEEDS_ROLLOUT] if c.case3_labels == "rollout" else []
     by_id = {ex.id: ex for ex in examples}
-    redo = [k for k, r in enumerate(rows) if r["case"] == NEEDS_ROLLOUT]
-    encoded = {ex_id: encode_reference(pair.tokenizer, by_id[ex_id], cfg.models.chat_template, None)
+    encoded = {ex_id: encode_reference(pair.tokenizer, by_id[ex_id], chat_template=cfg.models.chat_template,
+                                       end_id=pair.end_of_turn_id, system_prompt=cfg.task.system_prompt)
                for ex_id in {rows[k]["example_id"] for k in redo}}
-    starts, prompt_lengths, answers = [], [], []
-    for k in redo:
-        prompt, reference = encoded[rows[k]["example_id"]]
-        starts.append(prompt + reference[: rows[k]["position"]] + [rows[k]["slm_token"]])
-        prompt_lengths.append(len(prompt))
-        answers.append(by_id[rows[k]["example_id"]].answer)
-    for k, correct in zip(redo, rollout_outcomes(pair, starts, prompt_lengths, answers, **kw), strict=True):
+    rollouts = [Rollout(*encoded[rows[k]["example_id"]], rows[k]["position"], rows[k]["slm_token"],
+                        by_id[rows[k]["example_id"]].answer, by_id[rows[k]["example_id"]].labels) for k in redo]
+    outcomes, counts["rollouts_unfinished"] = run_rollouts(pair, rollouts, **kw)
+    for k, correct in zip(redo, outcomes, strict=True):
         rows[k]["rollout_correct"], rows[k]["label"] = correct, int(correct)
-    return pa.Table.from_pylist(rows, schema=SCHEMA), int((previous.schema.metadata or {}).get(b"case3_dropped", 0))
+    return pa.Table.from_pylist(rows, schema=SCHEMA), counts
 
 
 class TokenLabeler:
@@ -221,59 +130,25 @@ class TokenLabeler:
             self.policy = RouterPolicy(router.router, self.cfg.collect.threshold)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"shard": [], "rows": [], "dropped": [], "seconds": []}
+        out: dict[str, list] = {"shard": [], "rows": [], "seconds": []}
         for shard, payload in zip(batch["shard"], batch["examples"], strict=True):
             t0 = time.perf_counter()
             examples = [Example(**e) for e in json.loads(payload)]
             previous = None
             if self.iteration > 0:
                 previous = pq.read_table(shard_path(collect_dir(self.run, 0), int(shard)))
-            table, dropped = label_shard(self.pair, self.cfg, examples, self.policy, previous)
-            table = table.replace_schema_metadata({"case3_dropped": str(dropped)})
+            table, counts = label_shard(self.pair, self.cfg, examples, self.policy, previous)
+            table = table.replace_schema_metadata({k: str(v) for k, v in counts.items()})
             target = shard_path(collect_dir(self.run, self.iteration), int(shard))
             with atomic_writer(target) as tmp:
                 pq.write_table(table, tmp)
-            for key, value in (("shard", int(shard)), ("rows", table.num_rows), ("dropped", dropped),
-                               ("seconds", time.perf_counter() - t0)):
+            for key, value in (("shard", int(shard)), ("rows", table.num_rows), ("seconds", time.perf_counter() - t0)):
                 out[key].append(value)
         return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-# Environment for Ray's worker processes on an embedded local Ray: one thread each (the CPUs are
-# shared out by Ray), and Ray Train's controller polling often enough that a report per epoch is
-# not a 2 s wait (stack-notes.md).
-RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-# Passed on to Ray's processes (and to Ray jobs) when set: where W&B logs and how, where models
-# are cached. API keys are not among them (see submit.SECRET_ENV).
-FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR",
-                 "HF_HOME", "HF_HUB_OFFLINE")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
-    import ray
-
-    for key, value in RAY_TRAIN_ENV.items():  # read by the Train controller, which runs in this process
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True}
-    if not address:
-        kwargs.update(include_dashboard=False,
-                      runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env()}})
-        if os.environ.get("CITER_OBJECT_STORE_BYTES"):
-            kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
-    ray.init(address=address, **kwargs)
 
 
 def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None) -> pa.Table:
@@ -293,15 +168,17 @@ def check_lengths(cfg: Config, examples: list[Example]) -> None:
     fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
     from transformers import AutoConfig
 
-    from pipeline.models import load_tokenizer
+    from pipeline.models import end_of_turn_id, load_tokenizer
     from pipeline.rewards import context_length, encode_reference
 
     tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
+    end_id = end_of_turn_id(tok, cfg.models.chat_template)
     limit = context_length(*(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code)
                              for name in (cfg.models.slm, cfg.models.llm)))
     for ex in examples:
         try:
-            encode_reference(tok, ex, cfg.models.chat_template, limit)
+            encode_reference(tok, ex, chat_template=cfg.models.chat_template, end_id=end_id, max_length=limit,
+                             system_prompt=cfg.task.system_prompt)
         except CiterError as e:
             raise CiterError(f"{cfg.task.train_path}: {e}; shorten or drop that row") from None
 
@@ -351,7 +228,9 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         labelled = sum(r["rows"] for r in ds.take_all())
     seconds = time.perf_counter() - t0
     files = sorted(out_dir.glob("part-*.parquet"))
-    dropped = sum(int(pq.read_schema(f).metadata.get(b"case3_dropped", b"0")) for f in files)
+    counted = [pq.read_schema(f).metadata or {} for f in files]
+    dropped = sum(int(m.get(b"case3_dropped", b"0")) for m in counted)
+    unfinished = sum(int(m.get(b"rollouts_unfinished", b"0")) for m in counted)
     table = read_rows(run, iteration, columns=["case", "label"])
     cases = np.asarray(table.column("case"))
     summary = {
@@ -363,6 +242,8 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         "rollout_share": float((cases == 3).mean()) if len(cases) else 0.0,
         "label_1_share": float(np.asarray(table.column("label")).mean()) if len(cases) else 0.0,
         "case3_dropped_by_cap": dropped,
+        "case3_labels": cfg.collect.case3_labels,
+        "rollouts_unfinished": unfinished,
         "seconds": seconds,
         "rows_labelled_now": labelled,
         "rows_per_s": labelled / seconds if labelled else None,

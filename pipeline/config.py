@@ -42,6 +42,9 @@ class ModelsConfig:
     device: str = _f("cpu", choices=("cpu", "cuda", "auto"))
     trust_remote_code: bool = False  # only ever on when the user asks for it
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    # Extra tokens that end a generation, besides the tokenizer's eos and the generation config's
+    # eos_token_id list (e.g. ["<|eot_id|>"] for a model whose generation config lacks it).
+    eos_tokens: list[str] = _f(factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +63,7 @@ class TaskConfig:
     eval_split: str = "test"
     fields: dict[str, str] = _f(factory=dict)  # canonical field -> column name in the data
     prompt_template: str | None = None  # default per format; `{question}` is filled in
+    system_prompt: str | None = None  # the system turn, with models.chat_template only
     strip_calculator: bool = True  # drop GSM8K's `<<48/2=24>>` annotations from references
 
 
@@ -114,6 +118,10 @@ class CollectConfig:
     """The labelling stage (Ray Data actors holding both models)."""
 
     threshold: float = _f(0.9, range=(0.0, 1.0))  # router threshold for rollouts, iteration >= 1
+    # How case-3 tokens (both models wrong) are labelled: `rollout` (CITER: finish the answer from
+    # the SLM's token under the current policy and score it) or `llm` (the paper's myopic ablation:
+    # "prefer the LLM", no rollout).
+    case3_labels: str = _f("rollout", choices=("rollout", "llm"))
     max_rollouts_per_example: int = _f(32, range=(0, None))
     max_new_tokens: int = _f(128, range=(1, None))
     batch_size: int = _f(16, range=(1, None))  # examples per forward / rollouts per decode batch

@@ -16,6 +16,7 @@ cache, row by row. A test checks this.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,13 @@ def llm_call_ratio(generations: list[Generation]) -> float:
 # The cached, batched decoder
 
 
+def _as_set(eos_ids: Collection[int] | int) -> frozenset[int]:
+    ids = frozenset([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+    if not ids:
+        raise CiterError("no end-of-sequence id given: a generation could only stop at max_new_tokens")
+    return ids
+
+
 def _check_prompts(prompts: list[list[int]]) -> None:
     if not prompts:
         raise CiterError("no prompts to decode: the prompt list is empty")
@@ -154,12 +162,13 @@ def _check_prompts(prompts: list[list[int]]) -> None:
         raise CiterError(f"cannot decode an empty prompt (0 tokens) at row {empty[0]}")
 
 
-def _step(model: PreTrainedModel, ids, mask, positions, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward; returns the last position's (hidden state, logits). The hidden state is the
-    final layer's output, the vector fed to the LM head: what the router reads."""
+def _step(model: PreTrainedModel, ids, mask, positions, cache, n_ids: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward; returns the last position's (hidden state, logits over the first `n_ids` ids,
+    the tokenizer's: rows past them pad the embedding and are never chosen). The hidden state is
+    the final layer's output, the vector fed to the LM head: what the router reads."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, -1], out.logits[:, -1]
+    return out.hidden_states[-1][:, -1], out.logits[:, -1, :n_ids]
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,12 +183,12 @@ class _BatchedStepper:
     """One model decoding a left-padded batch with one KV cache: prefill, then one token per row
     per step; `keep` drops finished rows from the cache."""
 
-    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int):
-        self.model, device = model, model.device
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], pad_id: int, n_ids: int | None):
+        self.model, self.n_ids, device = model, n_ids, model.device
         ids, self.mask, positions = _left_pad(prompts, pad_id, device)
         self.cache = DynamicCache()
         self.lengths = torch.tensor([len(p) for p in prompts], device=device)
-        self.hidden, self.logits = _step(model, ids, self.mask, positions, self.cache)
+        self.hidden, self.logits = _step(model, ids, self.mask, positions, self.cache, n_ids)
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.model.device)
@@ -189,7 +198,7 @@ class _BatchedStepper:
     def step(self, tokens: list[int]) -> None:
         ids = torch.tensor(tokens, device=self.model.device)[:, None]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
-        self.hidden, self.logits = _step(self.model, ids, self.mask, self.lengths[:, None], self.cache)
+        self.hidden, self.logits = _step(self.model, ids, self.mask, self.lengths[:, None], self.cache, self.n_ids)
         self.lengths = self.lengths + 1
 
 
@@ -198,8 +207,8 @@ class _LLMRows:
     `keep_cache=False` every call re-runs the LLM over each row's whole prefix instead (what the
     public CITER code's batched path does; kept to measure against)."""
 
-    def __init__(self, llm: PreTrainedModel, pad_id: int, keep_cache: bool = True):
-        self.llm, self.pad_id, self.keep_cache = llm, pad_id, keep_cache
+    def __init__(self, llm: PreTrainedModel, pad_id: int, n_ids: int | None, keep_cache: bool = True):
+        self.llm, self.pad_id, self.n_ids, self.keep_cache = llm, pad_id, n_ids, keep_cache
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.seen: dict[int, int] = {}
 
@@ -210,7 +219,7 @@ class _LLMRows:
         device = self.llm.device
         if not self.keep_cache:
             ids, mask, positions = _left_pad([seqs[r] for r in rows], self.pad_id, device)
-            return _step(self.llm, ids, mask, positions, DynamicCache())[1].argmax(-1).tolist()
+            return _step(self.llm, ids, mask, positions, DynamicCache(), self.n_ids)[1].argmax(-1).tolist()
         past = [self.seen.get(r, 0) for r in rows]
         chunks = [seqs[r][p:] for r, p in zip(rows, past, strict=True)]
         p_max, k_max = max(past), max(map(len, chunks))
@@ -238,7 +247,7 @@ class _LLMRows:
                     vs.append(v)
                 layers.append((torch.cat(ks), torch.cat(vs)))
             cache = DynamicCache(ddp_cache_data=layers)
-        _, logits = _step(self.llm, ids, mask, positions, cache)
+        _, logits = _step(self.llm, ids, mask, positions, cache, self.n_ids)
         for i, (r, p, chunk) in enumerate(zip(rows, past, chunks, strict=True)):
             keep = torch.cat([torch.arange(p_max - p, p_max), torch.arange(p_max + k_max - len(chunk), p_max + k_max)])
             keep = keep.to(device)
@@ -257,15 +266,17 @@ def collaborative_decode(
     prompts: list[list[int]],
     policy: Policy,
     *,
-    eos_id: int,
+    eos_ids: Collection[int],
     pad_id: int,
     max_new_tokens: int,
+    n_ids: int | None = None,
     row_ids: list[int] | None = None,
     llm_cache: bool = True,
 ) -> list[Generation]:
     """Greedy decoding of a batch of prompts under `policy`, with both KV caches (see module doc).
-    `row_ids` name the rows for the policy (default 0..n-1); `llm_cache=False` makes every LLM
-    call re-run the whole prefix (for benchmarks only)."""
+    A row ends at any of `eos_ids` or after `max_new_tokens`; tokens are chosen among the first
+    `n_ids` ids (the tokenizer's; None = every logit). `row_ids` name the rows for the policy
+    (default 0..n-1); `llm_cache=False` makes every LLM call re-run the whole prefix (benchmarks)."""
     _check_prompts(prompts)
     if policy.uses_slm and slm is None or policy.uses_llm and llm is None:
         raise CiterError(f"the {policy.name} policy needs both models")
@@ -273,12 +284,13 @@ def collaborative_decode(
     seqs = [list(p) for p in prompts]
     if not (policy.uses_slm and policy.uses_llm):  # a single-model baseline
         model = slm if policy.uses_slm else llm
-        return _single_model_decode(model, prompts, results, from_llm=not policy.uses_slm, eos_id=eos_id,
-                                    pad_id=pad_id, max_new_tokens=max_new_tokens)
+        return _single_model_decode(model, prompts, results, from_llm=not policy.uses_slm, eos_ids=eos_ids,
+                                    pad_id=pad_id, n_ids=n_ids, max_new_tokens=max_new_tokens)
     row_ids = list(range(len(prompts))) if row_ids is None else row_ids
-    llm_rows = _LLMRows(llm, pad_id, keep_cache=llm_cache)
+    eos_ids = _as_set(eos_ids)
+    llm_rows = _LLMRows(llm, pad_id, n_ids, keep_cache=llm_cache)
     active = list(range(len(prompts)))
-    slm_rows = _BatchedStepper(slm, prompts, pad_id)
+    slm_rows = _BatchedStepper(slm, prompts, pad_id, n_ids)
     while True:
         for r in active:
             results[r].slm_forward_calls += 1
@@ -298,7 +310,7 @@ def collaborative_decode(
             g.from_llm.append(bool(to_llm[i]))
             g.slm_confidence.append(float(conf[i]))
             seqs[r].append(chosen[i])
-            if chosen[i] != eos_id and len(g.tokens) < max_new_tokens:
+            if chosen[i] not in eos_ids and len(g.tokens) < max_new_tokens:
                 keep.append(i)
             else:
                 llm_rows.drop(r)
@@ -311,10 +323,12 @@ def collaborative_decode(
 
 
 def _single_model_decode(model: PreTrainedModel, prompts: list[list[int]], results: list[Generation], *,
-                         from_llm: bool, eos_id: int, pad_id: int, max_new_tokens: int) -> list[Generation]:
+                         from_llm: bool, eos_ids: Collection[int], pad_id: int, n_ids: int | None,
+                         max_new_tokens: int) -> list[Generation]:
     """Greedy decoding by one model with a batched cache (the SLM-only and LLM-only baselines)."""
+    eos_ids = _as_set(eos_ids)
     active = list(range(len(prompts)))
-    rows = _BatchedStepper(model, prompts, pad_id)
+    rows = _BatchedStepper(model, prompts, pad_id, n_ids)
     while True:
         conf, nxt = torch.softmax(rows.logits.float(), dim=-1).max(dim=-1)
         keep = []
@@ -327,7 +341,7 @@ def _single_model_decode(model: PreTrainedModel, prompts: list[list[int]], resul
                 g.llm_forward_calls += 1
             else:
                 g.slm_forward_calls += 1
-            if g.tokens[-1] != eos_id and len(g.tokens) < max_new_tokens:
+            if g.tokens[-1] not in eos_ids and len(g.tokens) < max_new_tokens:
                 keep.append(i)
         if not keep:
             return results
@@ -337,8 +351,9 @@ def _single_model_decode(model: PreTrainedModel, prompts: list[list[int]], resul
         rows.step([results[r].tokens[-1] for r in active])
 
 
-def decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_id: int, pad_id: int, max_new_tokens: int,
-           batch_size: int = 64, desc: str | None = None) -> list[Generation]:
+def decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_ids: Collection[int], pad_id: int,
+           max_new_tokens: int, n_ids: int | None = None, batch_size: int = 64,
+           desc: str | None = None) -> list[Generation]:
     """`collaborative_decode` over batches of similar-length prompts, with a progress bar."""
     _check_prompts(prompts)
     if not policy.uses_slm:
@@ -348,7 +363,8 @@ def decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_id: int, p
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=True if desc is None else None, leave=False):
         gens = collaborative_decode(slm, llm if policy.uses_llm else None, [prompts[i] for i in batch], policy,
-                                    eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, row_ids=batch)
+                                    eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=max_new_tokens, n_ids=n_ids,
+                                    row_ids=batch)
         for i, g in zip(batch, gens, strict=True):
             out[i] = g
     return out  # type: ignore[return-value]
@@ -359,30 +375,31 @@ def decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_id: int, p
 
 
 @torch.no_grad()
-def reference_decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_id: int,
-                     max_new_tokens: int) -> list[Generation]:
+def reference_decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_ids: Collection[int],
+                     max_new_tokens: int, n_ids: int | None = None) -> list[Generation]:
     """The simplest correct implementation: each row alone, both models re-run over the full
     prefix at every step. Slow; the definition the cached decoder must match token for token."""
     _check_prompts(prompts)
+    eos_ids = _as_set(eos_ids)
     results = []
     for row, prompt in enumerate(prompts):
         g, seq = Generation(), list(prompt)
         while True:
             if policy.uses_slm:
                 out = slm(input_ids=torch.tensor([seq], device=slm.device), output_hidden_states=True)
-                hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1]
+                hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1, :n_ids]
                 g.slm_forward_calls += 1
                 to_llm = bool(policy.route(hidden, logits, [row], [len(g.tokens)])[0]) if policy.uses_llm else False
                 tok = int(logits.argmax(-1))
             else:
                 to_llm = True
             if to_llm:
-                tok = int(llm(input_ids=torch.tensor([seq], device=llm.device)).logits[0, -1].argmax())
+                tok = int(llm(input_ids=torch.tensor([seq], device=llm.device)).logits[0, -1, :n_ids].argmax())
                 g.llm_forward_calls += 1
             g.tokens.append(tok)
             g.from_llm.append(to_llm)
             seq.append(tok)
-            if tok == eos_id or len(g.tokens) >= max_new_tokens:
+            if tok in eos_ids or len(g.tokens) >= max_new_tokens:
                 break
         results.append(g)
     return results

@@ -29,19 +29,21 @@ from pipeline.decoding import (
 from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, encode_prompts, load_pair
 from pipeline.router import Router, load_router
-from pipeline.tasks import Example, is_correct, load_examples
+from pipeline.tasks import Example, extract_answer, load_examples
 
 log = logging.getLogger(__name__)
 
 
-def score(pair: ModelPair, task_format: str, gens: list[Generation], examples: list[Example]) -> list[bool]:
-    """Per-row correctness of the generated text (special tokens dropped) against the gold answer."""
+def score(pair: ModelPair, task_format: str, gens: list[Generation], examples: list[Example]) -> list[bool | None]:
+    """Per row: whether the generated text (special tokens dropped) gives the gold answer, or None
+    when no answer can be read from it (scored wrong, and counted as `no_answer`)."""
     tok = pair.tokenizer
-    return [is_correct(task_format, tok.decode(g.tokens, skip_special_tokens=True), ex.answer)
-            for g, ex in zip(gens, examples, strict=True)]
+    answers = [extract_answer(task_format, tok.decode(g.tokens, skip_special_tokens=True), labels=ex.labels)
+               for g, ex in zip(gens, examples, strict=True)]
+    return [None if a is None else a == ex.answer for a, ex in zip(answers, examples, strict=True)]
 
 
-def make_point(method: str, threshold: float | None, gens: list[Generation], correct: list[bool],
+def make_point(method: str, threshold: float | None, gens: list[Generation], scored: list[bool | None],
                seconds: float) -> dict[str, Any]:
     n_tokens = sum(len(g.tokens) for g in gens)
     return {
@@ -50,8 +52,9 @@ def make_point(method: str, threshold: float | None, gens: list[Generation], cor
         "llm_call_ratio": llm_call_ratio(gens),
         "llm_forward_calls": sum(g.llm_forward_calls for g in gens),
         "slm_forward_calls": sum(g.slm_forward_calls for g in gens),
-        "accuracy": sum(correct) / len(correct),
-        "n": len(correct),
+        "accuracy": sum(x is True for x in scored) / len(scored),
+        "no_answer": sum(x is None for x in scored),
+        "n": len(scored),
         "generated_tokens": n_tokens,
         "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds > 0 else None,
@@ -61,11 +64,10 @@ def make_point(method: str, threshold: float | None, gens: list[Generation], cor
 def run_policy(pair: ModelPair, policy: Policy, prompts: list[list[int]], examples: list[Example],
                cfg: Config, threshold: float | None) -> tuple[dict[str, Any], list[Generation]]:
     """Decode every prompt under `policy`, score, and time it."""
-    tok = pair.tokenizer
     label = policy.name if threshold is None else f"{policy.name} @ {threshold:g}"
     t0 = time.perf_counter()
-    gens = decode(pair.slm, pair.llm, prompts, policy, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, desc=label)
+    gens = decode(pair.slm, pair.llm, prompts, policy, **pair.decode_kwargs, max_new_tokens=cfg.eval.max_new_tokens,
+                  batch_size=cfg.eval.batch_size, desc=label)
     seconds = time.perf_counter() - t0
     return make_point(policy.name, threshold, gens, score(pair, cfg.task.format, gens, examples), seconds), gens
 
@@ -109,6 +111,32 @@ def accuracy_at_ratio(points: list[dict[str, Any]], ratio: float, slm_accuracy: 
     return xy[-1][1]
 
 
+def calls_to_reach(points: list[dict[str, Any]], target: float, slm_accuracy: float) -> float | None:
+    """The smallest LLM-call ratio at which a method's measured curve (from the SLM alone at 0)
+    reaches `target` accuracy, interpolated linearly between measured points; None when no
+    measured point reaches it (the curve is never extended past its last point)."""
+    xy = sorted([(0.0, slm_accuracy)] + [(p["llm_call_ratio"], p["accuracy"]) for p in points])
+    if xy[0][1] >= target:
+        return 0.0
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
+        if y1 >= target:
+            return x1 if y1 == y0 else x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return None
+
+
+def headline(points: list[dict[str, Any]], methods: list[str], slm_accuracy: float,
+             llm_accuracy: float) -> dict[str, Any]:
+    """The paper's headline at equal accuracy: per method, the LLM-call ratio needed to reach the
+    LLM's accuracy minus 1 point, and how many fewer LLM calls the router needs than each baseline
+    there (1 - router's ratio / baseline's; None where either does not reach it)."""
+    target = llm_accuracy - 0.01
+    calls = {m: calls_to_reach([p for p in points if p["method"] == m], target, slm_accuracy) for m in methods}
+    router = calls.get("router")
+    reduction = {m: (1.0 - router / calls[m] if router is not None and calls[m] else None)
+                 for m in methods if m != "router"} if "router" in calls else {}
+    return {"target_accuracy": target, "llm_calls_to_target": calls, "llm_call_reduction_at_target": reduction}
+
+
 BASELINES = ("random", "confidence", "query")
 
 
@@ -122,7 +150,8 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     pair = load_pair(cfg.models)
     router = load_router(router_dir, expected_input_size=pair.hidden_size, device=pair.device).router \
         if router_dir else None
-    prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template)
+    prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template,
+                             cfg.task.system_prompt)
     log.info("evaluating on %d held-out examples from %s", len(examples), cfg.task.eval_path)
     result = evaluate_methods(pair, router, prompts, examples, cfg, baselines)
     out = Path(out_dir)
@@ -163,7 +192,7 @@ def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[
     at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
                     for r in (0.1, 0.2, 0.3)} for m in swept}
     return {"n_examples": len(examples), "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
-            "auc": auc, "accuracy_at_llm_ratio": at_ratio}
+            "auc": auc, "accuracy_at_llm_ratio": at_ratio, **headline(points, swept, slm_acc, llm_acc)}
 
 
 def plot_curve(result: dict[str, Any], path: str | Path) -> None:
@@ -201,13 +230,13 @@ def plot_curve(result: dict[str, Any], path: str | Path) -> None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The eval points as an aligned text table, then each method's AUC."""
-    header = f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'accuracy':>10}{'n':>6}{'tok/s':>9}"
+    header = f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'accuracy':>10}{'no answer':>11}{'n':>6}{'tok/s':>9}"
     lines = [header, "-" * len(header)]
     for p in result["points"]:
         thr = "-" if p["threshold"] is None else f"{p['threshold']:.2f}"
         tps = "-" if p.get("tokens_per_s") is None else f"{p['tokens_per_s']:.0f}"
         lines.append(f"{p['method']:<12}{thr:>10}{100 * p['llm_call_ratio']:>11.1f}%{100 * p['accuracy']:>9.1f}%"
-                     f"{p['n']:>6}{tps:>9}")
+                     f"{p.get('no_answer', 0):>11}{p['n']:>6}{tps:>9}")
     if result.get("auc"):
         order = sorted(result["auc"], key=lambda m: -result["auc"][m])
         lines.append("")
@@ -216,4 +245,20 @@ def format_table(result: dict[str, Any]) -> str:
         if at:
             cells = {m: " / ".join(f"{100 * at[m][r]:.1f}%" for r in ("0.1", "0.2", "0.3")) for m in order if m in at}
             lines.append("accuracy at 10% / 20% / 30% LLM tokens: " + "; ".join(f"{m} {c}" for m, c in cells.items()))
+    if result.get("llm_calls_to_target"):
+        lines.append(headline_text(result))
     return "\n".join(lines)
+
+
+def headline_text(result: dict[str, Any]) -> str:
+    """One line: LLM calls each method needs for the LLM's accuracy minus 1 point, and the router's
+    reduction against each baseline there."""
+    fmt = lambda x: "not reached" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    calls = result["llm_calls_to_target"]
+    text = (f"LLM tokens needed for {100 * result['target_accuracy']:.1f}% accuracy (LLM alone - 1 point): "
+            + ", ".join(f"{m} {fmt(calls[m])}" for m in sorted(calls, key=lambda m: (calls[m] is None, calls[m]))))
+    reduction = {m: r for m, r in result.get("llm_call_reduction_at_target", {}).items() if r is not None}
+    if reduction:
+        text += "; the router needs " + ", ".join(f"{abs(100 * r):.0f}% {'fewer' if r >= 0 else 'more'} than {m}"
+                                              for m, r in reduction.items())
+    return text

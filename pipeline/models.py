@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,11 +19,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelPair:
-    """The two causal LMs and their shared tokenizer, in eval mode."""
+    """The two causal LMs and their shared tokenizer, in eval mode.
+
+    `n_ids` is the number of token ids the tokenizer maps: logits past it are padding rows of an
+    embedding rounded up (Qwen2-72B has 152,064 rows for a 151,646-id tokenizer) and are never
+    chosen. `eos_ids` are every id that ends a generation; `end_of_turn_id` is the one the model
+    writes at the end of an answer (the reference for teacher forcing ends with it)."""
 
     slm: PreTrainedModel
     llm: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    eos_ids: tuple[int, ...] = ()
+    end_of_turn_id: int | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -33,6 +41,20 @@ class ModelPair:
     def device(self) -> torch.device:
         return self.slm.device
 
+    @property
+    def n_ids(self) -> int:
+        return token_id_count(self.tokenizer)
+
+    @property
+    def decode_kwargs(self) -> dict:
+        """The tokenizer facts every decoder call takes: end ids, padding id, valid id count."""
+        return {"eos_ids": self.eos_ids, "pad_id": self.tokenizer.pad_token_id, "n_ids": self.n_ids}
+
+
+def token_id_count(tokenizer: PreTrainedTokenizerBase) -> int:
+    """1 + the largest id the tokenizer maps (added tokens included)."""
+    return max(tokenizer.get_vocab().values()) + 1
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -42,7 +64,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither an existing local directory nor a valid hub id, saying so
+    (transformers' own message for a mistyped local path is about repo-id syntax)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).expanduser().is_dir():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise CiterError(f"model {name!r}: no directory {name}; not a hub id either (a hub id is 'org/name', "
+                         "a local model a directory with config.json)") from None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    check_model_name(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -55,6 +93,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def load_model(name: str, cfg: ModelsConfig) -> PreTrainedModel:
     """One causal LM in eval mode; safetensors weights only, no remote code unless configured."""
+    check_model_name(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -92,31 +131,78 @@ def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase,
 
 
 def load_pair(cfg: ModelsConfig) -> ModelPair:
-    """Load SLM, LLM and the shared tokenizer, refusing mismatched tokenizers."""
+    """Load SLM, LLM and the shared tokenizer, refusing mismatched tokenizers. The models may have
+    more embedding rows than the tokenizer has ids (padding); never fewer."""
     tok_s = load_tokenizer(cfg.slm, cfg.trust_remote_code)
     tok_l = load_tokenizer(cfg.llm, cfg.trust_remote_code)
     check_same_tokenizer(tok_s, tok_l, (cfg.slm, cfg.llm))
     log.info("loading SLM %s and LLM %s (%s on %s)", cfg.slm, cfg.llm, cfg.dtype, cfg.device)
-    pair = ModelPair(slm=load_model(cfg.slm, cfg), llm=load_model(cfg.llm, cfg), tokenizer=tok_s)
-    if pair.slm.config.vocab_size != pair.llm.config.vocab_size:
-        raise CiterError(
-            f"the SLM {cfg.slm!r} has {pair.slm.config.vocab_size} output logits and the LLM {cfg.llm!r} "
-            f"{pair.llm.config.vocab_size}: their vocabularies must line up"
-        )
-    return pair
+    slm, llm = load_model(cfg.slm, cfg), load_model(cfg.llm, cfg)
+    n_ids = token_id_count(tok_s)
+    for role, name, model in (("SLM", cfg.slm, slm), ("LLM", cfg.llm, llm)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < n_ids:
+            raise CiterError(f"the {role} {name!r} has {rows} output logits but its tokenizer maps {n_ids} token ids: "
+                             "the model and tokenizer do not belong together")
+    return ModelPair(slm=slm, llm=llm, tokenizer=tok_s, eos_ids=end_ids(tok_s, (slm, llm), cfg.eos_tokens),
+                     end_of_turn_id=end_of_turn_id(tok_s, cfg.chat_template))
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt, through the chat template when the config asks for it."""
+def end_ids(tokenizer: PreTrainedTokenizerBase, models: tuple = (), extra_tokens: list[str] = ()) -> tuple[int, ...]:
+    """Every id that ends a generation: the tokenizer's eos, each model's generation-config
+    `eos_token_id` (an int or a list), and `extra_tokens` (`models.eos_tokens`), sorted."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for model in models:
+        gen = getattr(model, "generation_config", None)
+        value = getattr(gen, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    vocab = tokenizer.get_vocab()
+    for token in extra_tokens:
+        if token not in vocab:
+            raise CiterError(f"models.eos_tokens: {token!r} is not a token of the tokenizer")
+        ids.add(vocab[token])
+    if not ids:
+        raise CiterError("the tokenizer has no eos token and the models' generation configs name none: "
+                         "set models.eos_tokens")
+    return tuple(sorted(ids))
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> int | None:
+    """The token a model writes when its answer is done: under the chat template, the special token
+    that closes an assistant turn (`<|im_end|>`, `<|eot_id|>`); otherwise the tokenizer's eos."""
+    if chat_template:
+        marker = "XyZzY"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        if marker in text:
+            after = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids)
+            closing = [i for i in after if i in special]
+            if closing:
+                return closing[0]
+    return tokenizer.eos_token_id
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool,
+                   system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt: through the chat template (with `system_prompt` as the system
+    turn, when given) and the assistant-turn opening, or else as plain text after the tokenizer's
+    BOS when it has one."""
     if not prompts:
         raise CiterError("no prompts to encode: the prompt list is empty")
     if chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise CiterError("models.chat_template is true but the tokenizer has no chat template")
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return [
-            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+            list(tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
             for p in prompts
         ]
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if system_prompt:
+        raise CiterError("task.system_prompt needs models.chat_template: true (a plain prompt has no system turn)")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def count_parameters(model: torch.nn.Module, include_embeddings: bool = False) -> int:

@@ -12,6 +12,7 @@ once. The public CITER code instead calls `generate` once per token; a test chec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,12 +42,14 @@ class TeacherForced:
         return np.where(self.slm_tokens == ref, SLM_ENOUGH, np.where(self.llm_tokens == ref, LLM_NEEDED, NEEDS_ROLLOUT))
 
 
-def encode_reference(tok, ex: Example, chat_template: bool, max_length: int | None) -> tuple[list, list]:
-    """(prompt ids, reference ids + eos) with tokenizer `tok`, refusing empty or over-long references."""
+def encode_reference(tok, ex: Example, *, chat_template: bool, end_id: int, max_length: int | None = None,
+                     system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids + `end_id`), refusing empty or over-long references. `end_id` is
+    the token the model writes when its answer is done (`ModelPair.end_of_turn_id`)."""
     if not ex.reference.strip():
         raise CiterError(f"example {ex.id}: the reference is empty, so there is no token to label")
-    prompt = encode_prompts(tok, [ex.prompt], chat_template)[0]
-    reference = tok(ex.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = encode_prompts(tok, [ex.prompt], chat_template, system_prompt)[0]
+    reference = tok(ex.reference, add_special_tokens=False)["input_ids"] + [end_id]
     if max_length is not None and len(prompt) + len(reference) > max_length:
         raise CiterError(
             f"example {ex.id}: prompt + reference is {len(prompt) + len(reference)} tokens, longer than the "
@@ -63,12 +66,14 @@ def context_length(*configs) -> int | None:
 
 @torch.no_grad()
 def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: bool = False,
-                   batch_size: int = 16) -> list[TeacherForced]:
-    """Both models' greedy tokens and the SLM's hidden states at every reference position."""
+                   system_prompt: str | None = None, batch_size: int = 16) -> list[TeacherForced]:
+    """Both models' greedy tokens (over the tokenizer's ids) and the SLM's hidden states at every
+    reference position."""
     limit = context_length(pair.slm.config, pair.llm.config)
-    encoded = [encode_reference(pair.tokenizer, ex, chat_template, limit) for ex in examples]
+    encoded = [encode_reference(pair.tokenizer, ex, chat_template=chat_template, end_id=pair.end_of_turn_id,
+                                max_length=limit, system_prompt=system_prompt) for ex in examples]
     out: list[TeacherForced] = []
-    pad = pair.tokenizer.pad_token_id
+    pad, n_ids = pair.tokenizer.pad_token_id, pair.n_ids
     for start in range(0, len(examples), batch_size):
         chunk = encoded[start : start + batch_size]
         seqs = [p + r[:-1] for p, r in chunk]  # the last reference token is predicted, never read
@@ -77,8 +82,9 @@ def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: b
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=pair.device)
         slm_out = pair.slm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         llm_logits = pair.llm(input_ids=ids, attention_mask=mask).logits
-        slm_tok, llm_tok = slm_out.logits.argmax(-1).cpu(), llm_logits.argmax(-1).cpu()
+        slm_tok, llm_tok = slm_out.logits[..., :n_ids].argmax(-1).cpu(), llm_logits[..., :n_ids].argmax(-1).cpu()
         hidden = slm_out.hidden_states[-1].float().cpu()
+        del slm_out, llm_logits
         for i, ((prompt, reference), ex) in enumerate(zip(chunk, examples[start : start + batch_size], strict=True)):
             pos = slice(len(prompt) - 1, len(prompt) - 1 + len(reference))
             out.append(TeacherForced(
@@ -120,51 +126,84 @@ def rollout_positions(tf: TeacherForced, max_rollouts: int) -> list[int]:
     return sorted(sorted(positions, key=key)[:max_rollouts])
 
 
-def rollout_outcomes(pair: ModelPair, starts: list[list[int]], prompt_lengths: list[int], answers: list[str], *,
-                     task_format: str, policy, max_new_tokens: int, batch_size: int) -> list[bool]:
-    """Continue each `start` (prompt + reference prefix + the SLM's token) under `policy`, all
-    batched, and score each response (everything after the prompt, never the prompt itself)."""
-    from pipeline.decoding import decode
-    from pipeline.tasks import is_correct
+@dataclass(frozen=True)
+class Rollout:
+    """One case-3 rollout: it continues from prompt + reference prefix + the SLM's token there."""
 
-    tok = pair.tokenizer
-    live = [k for k, s in enumerate(starts) if s[-1] != tok.eos_token_id]  # an eos ends the response already
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    position: int
+    slm_token: int
+    answer: str
+    labels: list[str] | None = None  # the example's choice labels (multiple choice)
+
+    @property
+    def start(self) -> list[int]:
+        return self.prompt_ids + self.reference_ids[: self.position] + [self.slm_token]
+
+
+def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, policy, max_new_tokens: int,
+                 batch_size: int) -> tuple[list[bool], int]:
+    """Finish every rollout under `policy`, all batched, and score it. Returns the outcomes and the
+    number of rollouts cut off by `max_new_tokens` before an end id (scored wrong: no answer).
+
+    A rollout is scored on the response (the reference prefix and the rollout's own tokens, never
+    the prompt), and is correct only when the decisive answer lies in its own text (`score_rollout`)."""
+    from pipeline.decoding import decode
+    from pipeline.tasks import score_rollout
+
+    tok, eos = pair.tokenizer, set(pair.eos_ids)
+    live = [k for k, r in enumerate(rollouts) if r.slm_token not in eos]  # an end id ends the response already
     continuations: dict[int, list[int]] = {}
     if live:
-        gens = decode(pair.slm, pair.llm, [starts[k] for k in live], policy, eos_id=tok.eos_token_id,
-                      pad_id=tok.pad_token_id, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        gens = decode(pair.slm, pair.llm, [rollouts[k].start for k in live], policy, **pair.decode_kwargs,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size)
         continuations = {k: g.tokens for k, g in zip(live, gens, strict=True)}
-    return [
-        is_correct(task_format, tok.decode(start[n:] + continuations.get(k, []), skip_special_tokens=True), answer)
-        for k, (start, n, answer) in enumerate(zip(starts, prompt_lengths, answers, strict=True))
-    ]
+    outcomes, unfinished = [], 0
+    for k, r in enumerate(rollouts):
+        own = [r.slm_token, *continuations.get(k, [])]
+        if own[-1] not in eos:
+            unfinished += 1
+            outcomes.append(False)
+            continue
+        prefix = tok.decode(r.reference_ids[: r.position], skip_special_tokens=True)
+        full = tok.decode(r.reference_ids[: r.position] + own, skip_special_tokens=True)
+        cut = len(prefix) if full.startswith(prefix) else len(os.path.commonprefix([prefix, full]))
+        outcomes.append(score_rollout(task_format, full[:cut], full[cut:], r.answer, labels=r.labels))
+    return outcomes, unfinished
 
 
 def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
-                   policy, max_rollouts: int, max_new_tokens: int, batch_size: int) -> tuple[list[TokenLabel], int]:
+                   policy, max_rollouts: int, max_new_tokens: int, batch_size: int,
+                   case3_labels: str = "rollout") -> tuple[list[TokenLabel], dict[str, int]]:
     """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
-    case 3 from rollouts under `policy`. Returns the labels and the number of case-3 tokens the
-    `max_rollouts` cap dropped."""
+    case 3 from rollouts under `policy` (or, with `case3_labels="llm"`, the myopic rule: "prefer
+    the LLM" without a rollout). Returns the labels and counts: `case3_dropped` (case-3 tokens the
+    `max_rollouts` cap left out) and `rollouts_unfinished`."""
     jobs, dropped = [], 0
     for e, t in enumerate(tf):
         chosen = rollout_positions(t, max_rollouts)
         dropped += int((t.cases == NEEDS_ROLLOUT).sum()) - len(chosen)
         jobs += [(e, i) for i in chosen]
-    results = rollout_outcomes(
-        pair, [tf[e].prompt_ids + tf[e].reference_ids[:i] + [int(tf[e].slm_tokens[i])] for e, i in jobs],
-        [len(tf[e].prompt_ids) for e, _ in jobs], [examples[e].answer for e, _ in jobs], task_format=task_format,
-        policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    results, unfinished = [False] * len(jobs), 0
+    if case3_labels == "rollout":
+        rollouts = [Rollout(tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), examples[e].answer,
+                            examples[e].labels) for e, i in jobs]
+        results, unfinished = run_rollouts(pair, rollouts, task_format=task_format, policy=policy,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    elif case3_labels != "llm":
+        raise CiterError(f"collect.case3_labels must be 'rollout' or 'llm', got {case3_labels!r}")
     outcome = dict(zip(jobs, results, strict=True))
     labels = []
     for e, t in enumerate(tf):
         for i, case in enumerate(t.cases.tolist()):
             if case == NEEDS_ROLLOUT and (e, i) not in outcome:
                 continue
-            correct = outcome.get((e, i))
+            correct = outcome.get((e, i)) if case3_labels == "rollout" else None
             labels.append(TokenLabel(
                 example_id=t.example_id, position=i, token_id=t.reference_ids[i], slm_token=int(t.slm_tokens[i]),
                 llm_token=int(t.llm_tokens[i]), slm_hidden=t.slm_hidden[i], case=case,
                 label=1 if case == SLM_ENOUGH else 0 if case == LLM_NEEDED else int(bool(correct)),
                 rollout_correct=correct,
             ))
-    return labels, dropped
+    return labels, {"case3_dropped": dropped, "rollouts_unfinished": unfinished}

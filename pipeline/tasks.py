@@ -1,4 +1,4 @@
-"""Datasets -> `Example(id, prompt, reference, answer)`, and answer extraction/scoring per task.
+"""Datasets -> `Example(id, prompt, reference, answer, labels)`, and answer extraction/scoring per task.
 
 Formats:
 - ``gsm8k``: columns `question`, `answer` (a worked solution ending in `#### <number>`).
@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +26,56 @@ CANONICAL_FIELDS = {
     "math": ("problem", "solution"),
     "mcq": ("question", "choices", "answerKey"),
 }
-DEFAULT_PROMPTS = {
-    "gsm8k": "Question: {question}\nAnswer: ",
-    "math": "Problem: {question}\nSolution: ",
-    "mcq": "Question: {question}\n{choices}\nAnswer: ",
+DEFAULT_PROMPTS = {  # no trailing space: a BPE tokenizer would merge it into the answer's first token
+    "gsm8k": "Question: {question}\nAnswer:\n",
+    "math": "Problem: {question}\nSolution:\n",
+    "mcq": "Question: {question}\n{choices}\nAnswer:\n",
 }
 
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance. `reference` is the teacher-forced target; `answer` is what scoring compares."""
+    """One task instance. `reference` is the teacher-forced target; `answer` is what scoring compares;
+    `labels` are a multiple-choice example's choice labels (None for other formats)."""
 
     id: str
     prompt: str
     reference: str
     answer: str
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:  # a JSON round trip gives a list; keep the Example hashable
+            object.__setattr__(self, "labels", tuple(self.labels))
 
 
 # ---------------------------------------------------------------------------------------------
-# Answer normalisation and extraction
+# Answer normalisation and extraction (lm-evaluation-harness style: a strict match, then a
+# flexible one for final evaluation only)
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+@dataclass(frozen=True)
+class AnswerMatch:
+    """An answer found in a response: its normalised `value`, its span `text[start:end]`, and the rule that found it."""
+
+    value: str
+    start: int
+    end: int
+    rule: str
+
+
+# A number: thousands groups or plain digits, optional decimals; a '-' sign only when not glued to a word ("48-24").
+_NUM = r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_STRICT = re.compile(rf"####\s*\\?\$?\s*({_NUM})")
+_ANSWER_IS_NUMBER = re.compile(rf"(?i:\banswer\s+is\b)[\s:*]*\\?\$?\s*(?:\\boxed\{{\s*)?\\?\$?\s*({_NUM})")
+_ANY_NUMBER = re.compile(rf"({_NUM})")
+# Words allowed between "answer is" and a choice label: "The answer is also (C)", "answer is option B".
+_FILLER = r"also|option|choice|therefore|thus|clearly|probably|likely|definitely"
+_ALL_LABELS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + tuple("123456789")  # when an example's labels are unknown
 
 
 def normalize_number(text: str) -> str | None:
-    """'$1,234.00' -> '1234'; '-0.50' -> '-0.5'; None when `text` holds no single number."""
+    """'$1,234.00' -> '1234'; '1,234.50' -> '1234.5'; '-0.50' -> '-0.5'; None when `text` holds no single number."""
     s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     s = s.removesuffix("%")
     if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
@@ -64,37 +89,25 @@ def normalize_number(text: str) -> str | None:
     return "-" + s if neg and s != "0" else s
 
 
+def _boxed_spans(text: str) -> list[tuple[int, int]]:
+    """Spans of the contents of every `\\boxed{...}` (nested braces allowed), in order."""
+    spans, start = [], text.find("\\boxed{")
+    while start >= 0:
+        i = start + len("\\boxed{")
+        depth = 1
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                spans.append((i, j))
+                break
+        start = text.find("\\boxed{", i)
+    return spans
+
+
 def last_boxed(text: str) -> str | None:
     """Contents of the last `\\boxed{...}` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
-
-
-def extract_number_answer(text: str) -> str | None:
-    """A math answer from generated text: after the last `####`, else the last `\\boxed{}`,
-    else the last number in the text; normalised, or None."""
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        m = _NUMBER.search(tail)
-        return normalize_number(m.group(0)) if m else None
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return normalize_number(boxed) or _normalize_expr(boxed)
-    nums = _NUMBER.findall(text)
-    return normalize_number(nums[-1]) if nums else None
+    spans = _boxed_spans(text)
+    return text[spans[-1][0] : spans[-1][1]].strip() if spans else None
 
 
 def _normalize_expr(text: str) -> str:
@@ -103,35 +116,112 @@ def _normalize_expr(text: str) -> str:
     return re.sub(r"\s+", "", s)
 
 
-_ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-Za-z0-9])\)?", re.IGNORECASE)
+def _boxed_number(content: str) -> str | None:
+    """A number in `\\boxed{}`, allowing units and TeX spacing: '\\$18.00', '72 \\text{ clips}'."""
+    return normalize_number(re.sub(r"\\(?:text|mbox)\{[^{}]*\}|\\[,!;]|\\(?=[$%])", "", content))
 
 
-def extract_choice(text: str, labels: Iterable[str] = "ABCDE") -> str | None:
-    """A choice label from "the answer is (X)", else the first standalone label in the text."""
-    labels = [str(lab) for lab in labels]
-    m = _ANSWER_IS.search(text)
-    if m and m.group(1).upper() in labels:
-        return m.group(1).upper()
-    for tok in re.findall(r"\b([A-Za-z0-9])\b", text):
-        if tok in labels:
-            return tok
+def _regex_match(pattern: re.Pattern, text: str, rule: str, *, last: bool = False) -> AnswerMatch | None:
+    """The first (or last) match of `pattern`, its group 1 as the answer."""
+    m = next(reversed(list(pattern.finditer(text))), None) if last else pattern.search(text)
+    if m is None:
+        return None
+    return AnswerMatch(normalize_number(m.group(1)) or m.group(1), m.start(1), m.end(1), rule)
+
+
+def _first_boxed_number(text: str) -> AnswerMatch | None:
+    for s, e in _boxed_spans(text):
+        if (value := _boxed_number(text[s:e])) is not None:
+            return AnswerMatch(value, s, e, "boxed")
     return None
 
 
-def extract_answer(task_format: str, text: str) -> str | None:
-    """The answer a generation gives, in the form `Example.answer` uses."""
+def _last_boxed_expr(text: str) -> AnswerMatch | None:
+    if not (spans := _boxed_spans(text)):
+        return None
+    s, e = spans[-1]
+    content = text[s:e].strip()
+    return AnswerMatch(normalize_number(content) or _normalize_expr(content), s, e, "boxed")
+
+
+def _find_number(task_format: str, text: str, flexible: bool) -> AnswerMatch | None:
+    if task_format == "math":
+        found = _last_boxed_expr(text) or _regex_match(_ANSWER_IS_NUMBER, text, "answer_is")
+    else:
+        found = (_regex_match(_STRICT, text, "strict") or _regex_match(_ANSWER_IS_NUMBER, text, "answer_is")
+                 or _first_boxed_number(text))
+    if found is None and flexible:
+        found = _regex_match(_ANY_NUMBER, text, "flexible", last=True)
+    return found
+
+
+@lru_cache(maxsize=64)
+def _choice_patterns(labels: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    """Patterns for "answer is (X)" / "Answer: X", a label ending the response, and any "(X)", for these labels.
+
+    A bare label is matched case-sensitively and as a whole word, so the article "a" or "A good" after no cue
+    and the pronoun "I" are not answers; a parenthesised one in any case."""
+    alt = "|".join(re.escape(lab) for lab in sorted(labels, key=len, reverse=True))
+    label = rf"(?:\((?i:(?P<p>{alt}))\)|(?P<b>{alt})\b)"
+    answer_is = re.compile(rf"(?i:\banswer\s*(?:is\b|:))(?:\s*(?i:{_FILLER})\b)*[\s*:$]*(?:\\boxed\{{)?{label}")
+    final = re.compile(rf"(?:^|(?<=[\s(*]))(?P<b>{alt})\)?[.*]*\s*\Z")
+    paren = re.compile(rf"\((?i:(?P<p>{alt}))\)")
+    return answer_is, final, paren
+
+
+def _find_choice(text: str, labels: tuple[str, ...], flexible: bool) -> AnswerMatch | None:
+    answer_is, final, paren = _choice_patterns(labels)
+    m, rule = answer_is.search(text), "answer_is"
+    if m is None and flexible:
+        m, rule = final.search(text), "final"
+        if m is None:
+            m, rule = next(reversed(list(paren.finditer(text))), None), "paren"  # the last "(X)"
+    if m is None:
+        return None
+    group = "p" if m.groupdict().get("p") else "b"
+    return AnswerMatch(m.group(group).upper(), m.start(group), m.end(group), rule)
+
+
+def find_answer(task_format: str, text: str, *, labels: Iterable[str] | None = None,
+                flexible: bool = True) -> AnswerMatch | None:
+    """The decisive answer in a response, with its span and rule; None when it gives none. Rules, in order:
+
+    - gsm8k: "strict" the first `#### N`; "answer_is" the first "answer is N" (also "The final answer is
+      $\\boxed{N}$."); "boxed" the first `\\boxed{}` holding a number; "flexible" the last number anywhere.
+    - math: "boxed" the last `\\boxed{}` (an expression, normalised); "answer_is"; "flexible".
+    - mcq: "answer_is" the first "answer is (X)", "answer is X" or "Answer: X" with X one of `labels`
+      (a few words such as "also" or "option" may come between); "final" a label ending the response
+      ("... is D."); "paren" the last "(X)" anywhere. A bare label counts only after the cue or at the very
+      end, in upper case, as a whole word: the article "A" and the pronoun "I" in running text are no answer.
+
+    `flexible=False` leaves out "flexible", "final" and "paren": what scoring a rollout uses.
+    `labels` are a multiple-choice example's labels (`Example.labels`; default any of A-Z, 1-9)."""
     if task_format == "mcq":
-        return extract_choice(text, _ALL_LABELS)
-    return extract_number_answer(text)
+        return _find_choice(text, tuple(str(lab).upper() for lab in labels or _ALL_LABELS), flexible)
+    return _find_number(task_format, text, flexible)
 
 
-_ALL_LABELS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(1, 10)]
+def extract_answer(task_format: str, text: str, *, labels: Iterable[str] | None = None,
+                   flexible: bool = True) -> str | None:
+    """The answer a response gives, in the form `Example.answer` uses, or None."""
+    m = find_answer(task_format, text, labels=labels, flexible=flexible)
+    return m.value if m else None
 
 
-def is_correct(task_format: str, generated: str, gold: str) -> bool:
-    """Score only the newly generated text against the gold answer."""
-    pred = extract_answer(task_format, generated)
+def is_correct(task_format: str, generated: str, gold: str, *, labels: Iterable[str] | None = None,
+               flexible: bool = True) -> bool:
+    """Whether the generated response's answer equals the gold answer (no answer: wrong)."""
+    pred = extract_answer(task_format, generated, labels=labels, flexible=flexible)
     return pred is not None and pred == gold
+
+
+def score_rollout(task_format: str, prefix: str, continuation: str, gold: str, *,
+                  labels: Iterable[str] | None = None) -> bool:
+    """A rollout's outcome. Its response is the reference `prefix` followed by its own `continuation`; it is
+    correct only when a strict rule finds the decisive answer, that answer ends inside the rollout's own
+    text, and it equals `gold`. An answer wholly in the prefix, or a last-number guess, is never correct."""
+    m = find_answer(task_format, prefix + continuation, labels=labels, flexible=False)
+    return m is not None and m.end > len(prefix) and m.value == gold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +304,7 @@ def row_to_example(cfg: TaskConfig, row: dict, index: int, source: str, split: s
 
     ex_id = str(row[cfg.fields["id"]]) if "id" in cfg.fields else f"{split}-{index:06d}"
     template = cfg.prompt_template or DEFAULT_PROMPTS[cfg.format]
+    labels: list[str] | None = None  # the choice labels, for multiple choice
     if cfg.format == "gsm8k":
         question, reference = _text(get("question"), where, "question"), _text(get("answer"), where, "answer")
         if cfg.strip_calculator:
@@ -221,10 +312,10 @@ def row_to_example(cfg: TaskConfig, row: dict, index: int, source: str, split: s
         column = cfg.fields.get("answer", "answer")
         if "####" not in reference:
             raise CiterError(f"{where}: field '{column}' has no '#### <number>' final answer")
-        gold = normalize_number(reference.rsplit("####", 1)[1])
+        tail = reference.split("####", 1)[1]  # the first '####' decides, as in scoring
+        gold = normalize_number(tail)
         if gold is None:
-            raise CiterError(f"{where}: field '{column}': cannot read a number after '####' "
-                             f"in {reference.rsplit('####', 1)[1].strip()!r}")
+            raise CiterError(f"{where}: field '{column}': cannot read a number after '####' in {tail.strip()!r}")
         prompt = template.format(question=question)
     elif cfg.format == "math":
         question, reference = _text(get("problem"), where, "problem"), _text(get("solution"), where, "solution")
@@ -248,7 +339,8 @@ def row_to_example(cfg: TaskConfig, row: dict, index: int, source: str, split: s
             reference = _text(row.get(cfg.fields["reference"]), where, cfg.fields["reference"])
     if not reference.strip():
         raise CiterError(f"{where}: the reference answer is empty")
-    return Example(id=ex_id, prompt=prompt, reference=reference, answer=gold)
+    return Example(id=ex_id, prompt=prompt, reference=reference, answer=gold,
+                   labels=labels)
 
 
 def _text(value: Any, where: str, name: str) -> str:

@@ -9,12 +9,21 @@ import pytest
 import torch
 
 from pipeline import CiterError
-from pipeline.collect import DONE, SCHEMA, collect_dir, iteration_dir, read_rows, run_collect
+from pipeline.collect import SCHEMA, read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.decoding import RouterPolicy, SLMOnly
 from pipeline.models import load_pair
-from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, label_examples, rollout_outcomes, teacher_forced
+from pipeline.rewards import (
+    LLM_NEEDED,
+    NEEDS_ROLLOUT,
+    SLM_ENOUGH,
+    Rollout,
+    label_examples,
+    run_rollouts,
+    teacher_forced,
+)
 from pipeline.router import Router, RouterSpec, save_router
+from pipeline.rundir import DONE, collect_dir, iteration_dir
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, ROOT, digest
 
@@ -59,10 +68,12 @@ def test_collect_shards_match_the_labelling_core(local_ray, demo_world, tmp_path
     pair = load_pair(cfg.models)
     examples = sorted(load_examples(cfg.task, "train", limit=32), key=lambda e: e.id)
     tf = teacher_forced(pair, examples, batch_size=16)
-    labels, dropped = label_examples(pair, examples, tf, task_format="gsm8k", policy=SLMOnly(), max_rollouts=32,
-                                     max_new_tokens=cfg.collect.max_new_tokens, batch_size=16)
+    labels, counts = label_examples(pair, examples, tf, task_format="gsm8k", policy=SLMOnly(), max_rollouts=32,
+                                    max_new_tokens=cfg.collect.max_new_tokens, batch_size=16)
     rows = table.to_pylist()
-    assert len(rows) == len(labels) == summary["rows"] and dropped == summary["case3_dropped_by_cap"] == 0
+    assert len(rows) == len(labels) == summary["rows"]
+    assert counts["case3_dropped"] == summary["case3_dropped_by_cap"] == 0
+    assert counts["rollouts_unfinished"] == summary["rollouts_unfinished"]
     for row, lab in zip(rows, labels, strict=True):
         assert (row["example_id"], row["position"], row["token_id"]) == (lab.example_id, lab.position, lab.token_id)
         assert (row["case"], row["label"], row["rollout_correct"]) == (lab.case, lab.label, lab.rollout_correct)
@@ -85,10 +96,11 @@ def test_rollout_cap_drops_and_counts_deterministically(demo_world):
     tf = teacher_forced(pair, examples, batch_size=16)
     kw = dict(task_format="gsm8k", policy=SLMOnly(), max_new_tokens=64, batch_size=16)
     full, _ = label_examples(pair, examples, tf, max_rollouts=100, **kw)
-    capped, dropped = label_examples(pair, examples, tf, max_rollouts=0, **kw)
-    assert dropped == sum(x.case == NEEDS_ROLLOUT for x in full) > 0
+    capped, counts = label_examples(pair, examples, tf, max_rollouts=0, **kw)
+    dropped = counts["case3_dropped"]
+    assert dropped == sum(x.case == NEEDS_ROLLOUT for x in full) > 0 and counts["rollouts_unfinished"] == 0
     assert len(capped) == len(full) - dropped and all(x.case != NEEDS_ROLLOUT for x in capped)
-    again, dropped_again = label_examples(pair, examples, tf, max_rollouts=1, **kw)
+    again, _ = label_examples(pair, examples, tf, max_rollouts=1, **kw)
     once, _ = label_examples(pair, examples, tf, max_rollouts=1, **kw)
     assert [(x.example_id, x.position) for x in again] == [(x.example_id, x.position) for x in once]
 
@@ -112,16 +124,15 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
     pair = load_pair(cfg.models)
     examples = {e.id: e for e in load_examples(cfg.task, "train", limit=32)}
     tok = pair.tokenizer
-    starts, lengths, answers = [], [], []
-    for k in redo:
+    rollouts = []
+    for k in redo:  # the rollout start built by hand: prompt + reference prefix + the SLM's token
         ex = examples[first[k]["example_id"]]
         prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        ref = tok(ex.reference, add_special_tokens=False)["input_ids"]
-        starts.append(prompt + ref[: first[k]["position"]] + [first[k]["slm_token"]])
-        lengths.append(len(prompt))
-        answers.append(ex.answer)
-    expected = rollout_outcomes(pair, starts, lengths, answers, task_format="gsm8k",
-                                policy=RouterPolicy(router, cfg.collect.threshold), max_new_tokens=128, batch_size=16)
+        ref = tok(ex.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rollouts.append(Rollout(prompt, ref, first[k]["position"], first[k]["slm_token"], ex.answer))
+        assert rollouts[-1].start == prompt + ref[: first[k]["position"]] + [first[k]["slm_token"]]
+    expected, _ = run_rollouts(pair, rollouts, task_format="gsm8k", policy=RouterPolicy(router, cfg.collect.threshold),
+                               max_new_tokens=128, batch_size=16)
     assert [second[k]["rollout_correct"] for k in redo] == expected
 
 
@@ -145,3 +156,26 @@ def test_bad_input_is_refused_and_nothing_written_is_damaged(local_ray, demo_wor
         (collect_dir(run, 0) / DONE).unlink()
         run_collect(changed, run, 0)
     assert digest(collect_dir(run, 0)) == before
+
+
+def test_myopic_ablation_labels_case3_prefer_llm_without_any_rollout(demo_world):
+    cfg = config(*ROLLOUT_HEAVY)
+    pair = load_pair(cfg.models)
+    examples = load_examples(cfg.task, "train", limit=32)
+    tf = teacher_forced(pair, examples, batch_size=16)
+    forwards = []
+    hooks = [m.register_forward_hook(lambda *_: forwards.append(1)) for m in (pair.slm, pair.llm)]
+    kw = dict(task_format="gsm8k", policy=SLMOnly(), max_rollouts=32, max_new_tokens=64, batch_size=16)
+    try:
+        myopic, counts = label_examples(pair, examples, tf, case3_labels="llm", **kw)
+        assert forwards == [] and counts["rollouts_unfinished"] == 0  # not one model call: no rollout ran
+        rolled, _ = label_examples(pair, examples, tf, **kw)
+        assert forwards  # the rollout rule does call the models
+    finally:
+        for h in hooks:
+            h.remove()
+    case3 = [x for x in myopic if x.case == NEEDS_ROLLOUT]
+    assert len(case3) > 5 and all(x.label == 0 and x.rollout_correct is None for x in case3)
+    assert any(x.label == 1 for x in rolled if x.case == NEEDS_ROLLOUT)  # rollouts do find tokens the SLM may keep
+    same = [(a.example_id, a.position, a.case, a.label) for a in myopic if a.case != NEEDS_ROLLOUT]
+    assert same == [(b.example_id, b.position, b.case, b.label) for b in rolled if b.case != NEEDS_ROLLOUT]

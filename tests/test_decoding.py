@@ -58,7 +58,7 @@ def test_cached_batched_decoder_equals_cache_free_reference(pair, router, make_p
     tok = pair.tokenizer
     policy = make_policy(router)
     prompts = prompts_of_mixed_lengths(tok, 7)
-    kw = dict(eos_id=tok.eos_token_id, max_new_tokens=48)
+    kw = dict(eos_ids=[tok.eos_token_id], max_new_tokens=48)
     fast = decode(pair.slm, pair.llm, prompts, policy, pad_id=tok.pad_token_id, batch_size=4, **kw)
     slow = reference_decode(pair.slm, pair.llm, prompts, policy, **kw)
     for f, s in zip(fast, slow, strict=True):
@@ -75,7 +75,7 @@ def test_cached_batched_decoder_equals_cache_free_reference(pair, router, make_p
 def test_rows_that_finish_stop_costing_compute(pair, router):
     tok = pair.tokenizer
     prompts = prompts_of_mixed_lengths(tok, 6)
-    gens = collaborative_decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), eos_id=tok.eos_token_id,
+    gens = collaborative_decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), eos_ids=[tok.eos_token_id],
                                 pad_id=tok.pad_token_id, max_new_tokens=40)
     for g in gens:
         assert g.slm_forward_calls == len(g.tokens)  # one SLM step per produced token, none after the end
@@ -86,7 +86,7 @@ def test_rows_that_finish_stop_costing_compute(pair, router):
 def test_max_new_tokens_caps_every_row(pair, router):
     tok = pair.tokenizer
     gens = decode(pair.slm, pair.llm, prompts_of_mixed_lengths(tok, 5), RouterPolicy(router, 0.5),
-                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=5)
+                  eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=5)
     assert [len(g.tokens) for g in gens] == [5] * 5
 
 
@@ -94,7 +94,7 @@ def test_random_routing_hits_its_target_ratio_on_500_rows(pair, demo_world):
     tok = pair.tokenizer
     prompts = [tok(make_problem(random.Random(i), 3)["question"] + "\n", add_special_tokens=False)["input_ids"]
                for i in range(500)]
-    gens = decode(pair.slm, pair.llm, prompts, RandomPolicy(0.2, seed=0), eos_id=tok.eos_token_id,
+    gens = decode(pair.slm, pair.llm, prompts, RandomPolicy(0.2, seed=0), eos_ids=[tok.eos_token_id],
                   pad_id=tok.pad_token_id, max_new_tokens=16, batch_size=125)
     assert abs(llm_call_ratio(gens) - 0.2) <= 0.02
 
@@ -105,9 +105,9 @@ def test_bad_input_gives_clear_errors(pair, router):
         with pytest.raises(CiterError, match="must be in \\[0, 1\\]"):
             RouterPolicy(router, bad)
     with pytest.raises(CiterError, match="prompt list is empty"):
-        decode(pair.slm, pair.llm, [], SLMOnly(), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=4)
+        decode(pair.slm, pair.llm, [], SLMOnly(), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=4)
     with pytest.raises(CiterError, match="empty prompt"):
-        decode(pair.slm, pair.llm, [[5], []], SLMOnly(), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        decode(pair.slm, pair.llm, [[5], []], SLMOnly(), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
                max_new_tokens=4)
     with pytest.raises(CiterError, match="needs both models"):
-        collaborative_decode(pair.slm, None, [[5]], RouterPolicy(router, 0.5), eos_id=1, pad_id=0, max_new_tokens=2)
+        collaborative_decode(pair.slm, None, [[5]], RouterPolicy(router, 0.5), eos_ids=[1], pad_id=0, max_new_tokens=2)

@@ -62,8 +62,11 @@ def test_cli_tokenizer_mismatch_exits_nonzero(demo_world, tmp_path):
 
 
 def test_missing_model_and_empty_prompts_are_clear_errors(tmp_path):
-    with pytest.raises(CiterError, match="could not load the tokenizer of"):
+    with pytest.raises(CiterError, match="no directory .*/none; not a hub id either"):
         load_pair(ModelsConfig(slm=str(tmp_path / "none"), llm=str(tmp_path / "none")))
+    (tmp_path / "empty").mkdir()  # a directory, but no model in it
+    with pytest.raises(CiterError, match="could not load the tokenizer of"):
+        load_pair(ModelsConfig(slm=str(tmp_path / "empty"), llm=str(tmp_path / "empty")))
     with pytest.raises(CiterError, match="prompt list is empty"):
         encode_prompts(None, [], chat_template=False)
 
