@@ -1,27 +1,15 @@
 """The driver: collect -> train -> evaluate, `loop.iterations` times, in one resumable run directory.
 
-    <storage>/<name>/
-      run.json           config snapshot, W&B run id, code version, progress, created/updated
-      metrics.jsonl      one record per finished iteration (what W&B gets, readable without it)
-      wandb/             the W&B run's local files (offline unless configured otherwise)
-      iter-NNN/collect/  labelled shards + _DONE
-      iter-NNN/train/    Ray Train / DeepSpeed checkpoints + _DONE
-      iter-NNN/router/   the iteration's router
-      iter-NNN/eval.json, curve.png
-      iter-NNN/_DONE     the iteration's convergence metrics, written last
-
 Every stage is skipped when its marker exists, so running the same command again resumes: a
 collect stage skips its complete shards, a train stage continues from its last checkpoint, and an
 evaluation starts over. Iteration 0's baselines (random, confidence, query routing) are reused by
-later iterations: they do not depend on the router.
+later iterations: they do not depend on the router. The run directory's layout is in pipeline.rundir.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -29,27 +17,26 @@ from typing import Any
 import numpy as np
 
 from pipeline import CiterError
-from pipeline.collect import (
+from pipeline.collect import read_rows, run_collect
+from pipeline.config import Config
+from pipeline.convergence import convergence_table
+from pipeline.io import atomic_write_json
+from pipeline.rundir import (
+    CURVE_PNG,
     DONE,
+    EVAL_JSON,
+    TRAIN_DIR,
     check_run_config,
+    collect_dir,
+    default_run_dir,
     iteration_dir,
-    read_rows,
     read_run_record,
     router_dir,
-    run_collect,
     update_run_record,
 )
-from pipeline.config import Config
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.tracking import Tracker, read_metrics_records
 
 log = logging.getLogger(__name__)
-
-METRICS = "metrics.jsonl"
-EVAL_JSON, CURVE_PNG = "eval.json", "curve.png"
-
-
-def default_run_dir(cfg: Config) -> Path:
-    return Path(cfg.storage) / cfg.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +80,7 @@ def iteration_metrics(cfg: Config, run: Path, iteration: int, collect: dict, tra
         **{f"collect/case{c}_share": collect["cases"][str(c)] / rows for c in (1, 2, 3)},
         "collect/label_1_share": collect["label_1_share"],
         "collect/case3_dropped_by_cap": collect["case3_dropped_by_cap"],
+        "collect/rollouts_unfinished": collect.get("rollouts_unfinished", 0),
         "collect/seconds": collect["seconds"],
         "collect/rows_per_s": collect["rows_per_s"],
         "train/train_loss": best["train_loss"],
@@ -111,6 +99,9 @@ def iteration_metrics(cfg: Config, run: Path, iteration: int, collect: dict, tra
         **{f"eval/auc/{method}": auc for method, auc in result["auc"].items()},
         **{f"eval/accuracy_at_{int(100 * float(r))}pct_llm/{method}": acc
            for method, by_ratio in result["accuracy_at_llm_ratio"].items() for r, acc in by_ratio.items()},
+        "eval/target_accuracy": result["target_accuracy"],
+        **{f"eval/llm_calls_to_target/{method}": calls for method, calls in result["llm_calls_to_target"].items()},
+        **{f"eval/llm_call_reduction/{method}": r for method, r in result["llm_call_reduction_at_target"].items()},
     }
     router_points = [p for p in result["points"] if p["method"] == "router"]
     if router_points:
@@ -120,69 +111,6 @@ def iteration_metrics(cfg: Config, run: Path, iteration: int, collect: dict, tra
         m["collect/case3_flips"], m["collect/case3_flip_share"] = flips["case3_flips"], flips["case3_flip_share"]
         m["router/agreement_with_previous"] = router_agreement(cfg, run, iteration)
     return m
-
-
-# ---------------------------------------------------------------------------------------------
-# Tracking: metrics.jsonl + one W&B run per citer run
-
-
-def tracking_settings(cfg: Config) -> dict[str, Any]:
-    """Project, entity, group and mode: the config's, else the usual WANDB_* variables; offline by default."""
-    t = cfg.tracking
-    return {
-        "project": t.project or os.environ.get("WANDB_PROJECT") or "citer",
-        "entity": t.entity or os.environ.get("WANDB_ENTITY"),
-        "group": t.group or os.environ.get("WANDB_RUN_GROUP"),
-        "mode": t.mode or os.environ.get("WANDB_MODE") or "offline",
-    }
-
-
-class Tracker:
-    """Writes each iteration's record to metrics.jsonl and to the run's one W&B run (created on the
-    first start, resumed by the id stored in run.json on every later one)."""
-
-    def __init__(self, cfg: Config, run: Path):
-        import wandb
-
-        self.run_dir = run
-        settings = tracking_settings(cfg)
-        record = read_run_record(run) or {}
-        run_id = record.get("wandb", {}).get("id") or secrets.token_hex(4)
-        update_run_record(run, wandb={"id": run_id, **settings})
-        (run / "wandb").mkdir(exist_ok=True)
-        self.wandb = wandb
-        self.run = wandb.init(id=run_id, resume="allow", dir=str(run), name=cfg.name, config=cfg.to_dict(),
-                              project=settings["project"], entity=settings["entity"], group=settings["group"],
-                              mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
-        self.run.define_metric("iteration")
-        self.run.define_metric("*", step_metric="iteration")
-        log.info("W&B run %s (project %s, mode %s) in %s", run_id, settings["project"], settings["mode"],
-                 run / "wandb")
-
-    def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: Path) -> None:
-        write_metrics_record(self.run_dir, metrics)
-        wandb = self.wandb
-        table = wandb.Table(columns=["method", "threshold", "llm_call_ratio", "accuracy"],
-                            data=[[p["method"], p["threshold"], p["llm_call_ratio"], p["accuracy"]]
-                                  for p in result["points"]])
-        k = metrics["iteration"]
-        self.run.log({**metrics, f"curve/iter-{k:03d}": table,
-                      "curve/plot": wandb.plot.line(table, "llm_call_ratio", "accuracy", stroke="method",
-                                                    title=f"Accuracy vs LLM calls, iteration {k}"),
-                      "curve/image": wandb.Image(str(curve))})
-
-    def finish(self) -> None:
-        self.run.finish()
-
-
-def write_metrics_record(run: Path, metrics: dict[str, Any]) -> None:
-    """Put one iteration's record in metrics.jsonl, replacing an earlier record of that iteration
-    (a run killed between logging and its marker logs the iteration again)."""
-    path = run / METRICS
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    records = [r for r in records if r.get("iteration") != metrics["iteration"]] + [metrics]
-    records.sort(key=lambda r: r["iteration"])
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,9 +173,6 @@ def run_loop(cfg: Config, run: str | Path | None = None) -> dict[str, Any]:
 
 def run_status(run: str | Path) -> str:
     """Where a run stands, stage by stage, as text."""
-    from pipeline.collect import collect_dir
-    from pipeline.train import TRAIN_DIR
-
     run = Path(run)
     record = read_run_record(run)
     if record is None:
@@ -275,7 +200,8 @@ def run_status(run: str | Path) -> str:
             c = json.loads((cdir / DONE).read_text())
             rows = max(1, c["rows"])
             collect = (f"done, {c['rows']} tokens (case 1 {c['cases']['1'] / rows:.1%}, case 2 "
-                       f"{c['cases']['2'] / rows:.1%}, case 3 {c['cases']['3'] / rows:.1%})")
+                       f"{c['cases']['2'] / rows:.1%}, case 3 {c['cases']['3'] / rows:.1%}; "
+                       f"{c.get('rollouts_unfinished', 0)} rollouts unfinished)")
         else:
             collect = f"{len(list(cdir.glob('part-*.parquet')))} shards written, not complete"
         tdir = it / TRAIN_DIR
@@ -296,4 +222,7 @@ def run_status(run: str | Path) -> str:
         state = "complete" if (it / DONE).is_file() else "in progress"
         lines += [f"  iter-{k:03d} ({state})", f"    collect: {collect}", f"    train:   {train}",
                   f"    eval:    {evaluation}"]
+    records = read_metrics_records(run)
+    if records:
+        lines += ["", "convergence (finished iterations):", convergence_table(records)]
     return "\n".join(lines)

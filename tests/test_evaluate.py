@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.evaluate import accuracy_at_ratio, area_under_curve
+from pipeline.convergence import convergence_table, plot_convergence
+from pipeline.evaluate import accuracy_at_ratio, area_under_curve, calls_to_reach, headline
 from pipeline.models import load_pair
 from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, teacher_forced
 from pipeline.router import Router, RouterSpec, save_router
@@ -21,6 +22,42 @@ def test_auc_and_interpolation():
     assert area_under_curve([], 0.2, 0.8) == pytest.approx(0.5)
     assert accuracy_at_ratio(pts, 0.25, 0.0, 1.0) == pytest.approx(0.5)
     assert accuracy_at_ratio(pts, 0.75, 0.0, 1.0) == pytest.approx(1.0)
+
+
+def test_llm_calls_to_reach_the_target_and_the_reduction_at_equal_accuracy():
+    point = lambda m, x, y: {"method": m, "llm_call_ratio": x, "accuracy": y}  # noqa: E731
+    # The router crosses 0.89 between (0.05, 0.80) and (0.10, 0.95): 0.05 + 0.05 * 0.09 / 0.15 = 0.08.
+    # Confidence crosses it between (0.2, 0.85) and (0.4, 0.93): 0.2 + 0.2 * 0.04 / 0.08 = 0.3.
+    points = [point("router", 0.05, 0.80), point("router", 0.10, 0.95), point("router", 0.30, 0.99),
+              point("confidence", 0.2, 0.85), point("confidence", 0.4, 0.93),
+              point("random", 0.3, 0.6), point("random", 0.7, 0.85)]
+    assert calls_to_reach([p for p in points if p["method"] == "router"], 0.89, 0.4) == pytest.approx(0.08)
+    assert calls_to_reach([p for p in points if p["method"] == "random"], 0.89, 0.4) is None  # never measured there
+    assert calls_to_reach([], 0.3, 0.4) == 0.0  # the SLM alone is already good enough
+    h = headline(points, ["confidence", "random", "router"], slm_accuracy=0.4, llm_accuracy=0.90)
+    assert h["target_accuracy"] == pytest.approx(0.89)
+    assert h["llm_calls_to_target"]["confidence"] == pytest.approx(0.3)
+    assert h["llm_call_reduction_at_target"]["confidence"] == pytest.approx(1 - 0.08 / 0.3)
+    assert h["llm_call_reduction_at_target"]["random"] is None
+
+
+def test_convergence_table_and_plot_from_metrics_records(tmp_path):
+    records = [{"iteration": 0, "collect/case3_share": 0.04, "eval/auc/router": 0.9, "eval/auc/random": 0.6,
+                "eval/llm_calls_to_target/router": 0.12, "eval/llm_calls_to_target/random": None,
+                "eval/target_accuracy": 0.97},
+               {"iteration": 1, "collect/case3_share": 0.04, "collect/case3_flip_share": 0.4,
+                "router/agreement_with_previous": 0.95, "eval/auc/router": 0.93, "eval/auc/random": 0.6,
+                "eval/llm_calls_to_target/router": 0.08, "eval/llm_calls_to_target/random": None,
+                "eval/target_accuracy": 0.97}]
+    table = convergence_table(records).splitlines()
+    assert "AUC router" in table[0] and "calls random" in table[0]
+    row = table[3].split()
+    assert row[:4] == ["1", "4.0%", "40.0%", "95.0%"] and "8.0%" in row and "not" in row and "0.930" in row
+    plot_convergence(records, tmp_path / "convergence.png")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "convergence.png")
+    assert image.shape[1] > 1000 and image.std() > 0.05
 
 
 @pytest.fixture(scope="module")
