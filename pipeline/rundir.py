@@ -145,8 +145,9 @@ def check_run_config(cfg: Config, run: Path) -> None:
 # not a 2 s wait (stack-notes.md).
 RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-# Passed on to Ray's processes (and to Ray jobs) when set: where W&B logs and how, where models
-# are cached. API keys are not among them (see submit.SECRET_ENV).
+# Passed on to an embedded local Ray's processes when set: where W&B logs and how, where models
+# are cached. Ray jobs get them less the local paths (submit.LOCAL_PATH_ENV). API keys are not
+# among them (see submit.SECRET_ENV).
 FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR",
                  "HF_HOME", "HF_HUB_OFFLINE")
 
