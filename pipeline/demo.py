@@ -6,11 +6,20 @@ step writes `a+b+carry=sum:partial`, and the solution ends in `#### <sum>`:
     What is 472+385?
     2+5+0=7:7 7+8+0=15:57 4+3+1=8:857 #### 857
 
+A step may also write its two digits the other way round (`5+2+0=7:7`): a harmless choice. The
+models train on a quarter of steps swapped, so they read both orders but write the canonical one;
+the references of train.jsonl, which the router is labelled on, swap most steps, the way gold
+solutions are written in a style of their own. Where a reference swaps, neither model predicts its
+digit (case 3 of the labels), yet the SLM's canonical digit leads to the right answer if the rest is
+written well: likely when the LLM writes it, not when the SLM does. So the rollout label there
+depends on the policy that finishes the answer, and iterations of router training change labels.
+
 Both models are `LlamaForCausalLM` with a character-level tokenizer, saved with
 `save_pretrained`, so they load through the same code as a hub model. The LLM (4 layers, width
 128) learns the task; the SLM (2 layers, width 48, >10x fewer FLOPs per token) is stopped early,
-once its validation accuracy first reaches `slm_target_accuracy`, so it is clearly worse, with
-its errors on the sum and carry digits: the tokens a router should send to the LLM.
+near `SLM_TARGET_ACCURACY`, so it is clearly worse, with its errors on the sum and carry digits:
+the tokens a router should send to the LLM. Its training data also has a blind spot (see
+`make_problem`) that makes it confidently wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import logging
 import random
 import string
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,9 +51,18 @@ DEMO_CHARS = string.digits + " +-=:#?.\nWhatis"
 MARKER = "world.json"
 SLM_SHAPE = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=1)
 LLM_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
-SLM_TARGET_ACCURACY = 0.40  # stop the SLM here: inside the 20-70% band, with margin both ways
+SLM_TARGET_ACCURACY = 0.35  # stop the SLM near here: inside the 20-70% band, with margin both ways
 LLM_TARGET_ACCURACY = 0.98  # stop the LLM once it has mastered the task
 LR = 3e-3
+# Shares of steps whose two digits are swapped. The models train on mostly canonical steps, so both write the
+# canonical order; the LLM sees enough swaps to read them, while more would blur the SLM's first digit (measured:
+# at 0.25, a quarter of its case-3 digits were wrong ones). train.jsonl's references, what the router is labelled
+# on, swap most steps: there neither model predicts the reference's digit, yet the SLM's canonical one leads to the
+# right answer when the rest is written well (case 3).
+LLM_SWAP_RATE = 0.25
+SLM_SWAP_RATE = 0.1
+REFERENCE_SWAP_RATE = 0.8
+BUILDER_VERSION = 2  # bump when a build would differ, so cached worlds from older code are rebuilt
 
 
 def demo_task_config(out: str | Path) -> TaskConfig:
@@ -53,12 +72,16 @@ def demo_task_config(out: str | Path) -> TaskConfig:
                       eval_path=str(out / "data" / "eval.jsonl"), prompt_template=PROMPT_TEMPLATE)
 
 
-def make_problem(rng: random.Random, digits: int, blind_spot: bool = False) -> dict:
+def make_problem(rng: random.Random, digits: int, blind_spot: bool = False, swap: float = 0.0) -> dict:
     """One addition problem as a GSM8K-format row: {"question", "answer"}.
 
     With `blind_spot`, the worked solution forgets the carry after a column whose two digits sum
     to 15 or more, and its answer follows from that: the SLM's training data, which makes it
-    confidently wrong on identifiable tokens (the next column's carry)."""
+    confidently wrong on identifiable tokens (the next column's carry).
+
+    With `swap` > 0, each step whose two digits differ writes them in the other order with that
+    probability (`8+7+0=15` for `7+8+0=15`): a harmless choice. It draws from `rng` only then, so
+    `swap=0` gives the same rows as before it existed."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     carry, partial, steps = 0, "", []
@@ -66,9 +89,21 @@ def make_problem(rng: random.Random, digits: int, blind_spot: bool = False) -> d
     for i, (x, y) in enumerate(zip(da, db, strict=True)):
         s = int(x) + int(y) + carry
         partial = (str(s) if i == len(da) - 1 else str(s % 10)) + partial
-        steps.append(f"{x}+{y}+{carry}={s}:{partial}")
+        first, second = (y, x) if swap > 0 and x != y and rng.random() < swap else (x, y)
+        steps.append(f"{first}+{second}+{carry}={s}:{partial}")
         carry = 0 if blind_spot and int(x) + int(y) >= 15 else s // 10
     return {"question": f"What is {a}+{b}?", "answer": " ".join(steps) + f" #### {int(partial)}"}
+
+
+def training_rows(rng: random.Random, digits: int, n: int, exclude: set[str], *, swap: float,
+                  blind_spot: bool = False) -> list[dict]:
+    """`n` fresh problems for a model's training, none whose question is in `exclude`."""
+    rows = []
+    while len(rows) < n:
+        row = make_problem(rng, digits, blind_spot, swap=swap)
+        if row["question"] not in exclude:
+            rows.append(row)
+    return rows
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -131,7 +166,7 @@ def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, examples: li
     """Greedy accuracy of one model on examples (the demo task's own scorer)."""
     model.eval()
     prompts = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in examples]
-    outs = decode(model, None, prompts, SLMOnly(), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+    outs = decode(model, None, prompts, SLMOnly(), pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
                   max_new_tokens=max_new_tokens, batch_size=batch_size)
     ok = sum(is_correct("gsm8k", tok.decode(o.tokens, skip_special_tokens=True), ex.answer)
              for o, ex in zip(outs, examples, strict=True))
@@ -139,12 +174,15 @@ def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, examples: li
 
 
 def train_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, sample, steps: int, batch_size: int,
-                name: str, validate, target: float, check_every: int) -> dict:
+                name: str, validate, target: float, check_every: int, nearest: bool = False) -> dict:
     """Train on freshly sampled problems with AdamW + one-cycle LR over at most `steps` steps;
-    stop at the first validation check (every `check_every` steps from step 150) reaching `target`."""
+    stop at the first validation check (every `check_every` steps from step 150) reaching `target`.
+    With `nearest`, keep the weights of that check or the one before, whichever is nearer `target`
+    (a model that learns in jumps would otherwise overshoot a target meant as a middle)."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=max(steps, 1), pct_start=0.1)
-    info = {"steps": 0, "val_accuracy": None}
+    info: dict = {"steps": 0, "val_accuracy": None}
+    last: tuple[dict, dict] | None = None  # the previous check's (info, weights)
     bar = tqdm(range(steps), desc=f"training demo {name}", leave=False, disable=None, mininterval=1.0)
     for step in bar:
         model.train()
@@ -160,20 +198,37 @@ def train_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, sample, s
         if step + 1 >= 150 and (step + 1) % check_every == 0:
             info["val_accuracy"] = validate(model)
             if info["val_accuracy"] >= target:
+                if nearest and last and target - last[0]["val_accuracy"] < info["val_accuracy"] - target:
+                    info = last[0]
+                    model.load_state_dict(last[1])
                 break
+            if nearest:
+                last = dict(info), {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
     model.eval()
     return info
 
 
+def built_version(out: str | Path) -> int | None:
+    """The builder version of the world at `out` (1 for worlds from before versions); None if there is none."""
+    marker = Path(out) / MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("builder_version", 1)
+
+
 def is_built(out: str | Path) -> bool:
-    return (Path(out) / MARKER).is_file()
+    """Whether a world built by this code's builder version is at `out`."""
+    return built_version(out) == BUILDER_VERSION
 
 
 def ensure_demo_world(cfg: DemoConfig) -> dict:
-    """Build the demo world at `cfg.out` unless it is already there; return its world.json."""
+    """Build the demo world at `cfg.out` unless this builder version already built it; return its world.json."""
     if is_built(cfg.out):
         return json.loads((Path(cfg.out) / MARKER).read_text())
+    if (version := built_version(cfg.out)) is not None:
+        log.info("rebuilding the demo world in %s: it was built by builder version %s, this code is version %d",
+                 cfg.out, version, BUILDER_VERSION)
     return build_demo_world(cfg)
 
 
@@ -186,10 +241,10 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     rng = random.Random(cfg.seed)
     task = demo_task_config(out)
 
-    def unique_problems(n: int, seen: set) -> list[dict]:
+    def unique_problems(n: int, seen: set, swap: float = 0.0) -> list[dict]:
         rows = []
         while len(rows) < n:
-            row = make_problem(rng, cfg.digits)
+            row = make_problem(rng, cfg.digits, swap=swap)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 rows.append(row)
@@ -198,38 +253,36 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     taken: set[str] = set()
     eval_rows = unique_problems(cfg.n_eval, taken)
     val_rows = unique_problems(200, taken)  # for the SLM's early stop; not in any saved split
-    train_rows = unique_problems(cfg.n_train, taken)
+    train_rows = unique_problems(cfg.n_train, taken, swap=REFERENCE_SWAP_RATE)
     held_out = {r["question"] for r in eval_rows} | {r["question"] for r in val_rows}
     to_ex = lambda rows, split: [row_to_example(task, r, i, "demo", split) for i, r in enumerate(rows)]  # noqa: E731
     eval_ex, val_ex = to_ex(eval_rows, "eval"), to_ex(val_rows, "val")
     train_rng = random.Random(cfg.seed + 1)
 
-    def sample(n: int, blind_spot: bool = False) -> list[Example]:
-        rows = []
-        while len(rows) < n:
-            row = make_problem(train_rng, cfg.digits, blind_spot)
-            if row["question"] not in held_out:
-                rows.append(row)
-        return to_ex(rows, "train")
+    def sampler(swap: float, blind_spot: bool = False) -> Callable[[int], list[Example]]:
+        return lambda n: to_ex(training_rows(train_rng, cfg.digits, n, held_out, swap=swap, blind_spot=blind_spot),
+                               "train")
 
     tok = build_tokenizer()
     log.info("building the demo world in %s (seed %d)", out, cfg.seed)
     llm = new_model(LLM_SHAPE, tok, cfg.seed)
     validate = lambda m: accuracy(m, tok, val_ex)  # noqa: E731
-    llm_info = train_model(llm, tok, sample, cfg.llm_steps, cfg.batch_size, "LLM",
+    llm_info = train_model(llm, tok, sampler(LLM_SWAP_RATE), cfg.llm_steps, cfg.batch_size, "LLM",
                            validate=validate, target=LLM_TARGET_ACCURACY, check_every=50)
     slm = new_model(SLM_SHAPE, tok, cfg.seed)
-    slm_info = train_model(slm, tok, lambda n: sample(n, blind_spot=True), cfg.slm_steps, cfg.batch_size, "SLM",
-                           validate=validate, target=SLM_TARGET_ACCURACY, check_every=25)
+    slm_info = train_model(slm, tok, sampler(SLM_SWAP_RATE, blind_spot=True), cfg.slm_steps, cfg.batch_size, "SLM",
+                           validate=validate, target=SLM_TARGET_ACCURACY, check_every=5, nearest=True)
     world = {
+        "builder_version": BUILDER_VERSION,
         "seed": cfg.seed,
         "config": asdict(cfg),
         "task": "3-digit column addition in GSM8K format" if cfg.digits == 3 else f"{cfg.digits}-digit addition",
         "prompt_template": PROMPT_TEMPLATE,
-        "slm": {**SLM_SHAPE, **slm_info, "flops_per_token": flops_per_token(slm),
+        "slm": {**SLM_SHAPE, **slm_info, "swap_rate": SLM_SWAP_RATE, "flops_per_token": flops_per_token(slm),
                 "eval_accuracy": accuracy(slm, tok, eval_ex)},
-        "llm": {**LLM_SHAPE, **llm_info, "flops_per_token": flops_per_token(llm),
+        "llm": {**LLM_SHAPE, **llm_info, "swap_rate": LLM_SWAP_RATE, "flops_per_token": flops_per_token(llm),
                 "eval_accuracy": accuracy(llm, tok, eval_ex)},
+        "reference_swap_rate": REFERENCE_SWAP_RATE,
         "n_train": cfg.n_train,
         "n_eval": cfg.n_eval,
     }

@@ -233,7 +233,7 @@ def format_table(result: dict[str, Any]) -> str:
     header = f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'accuracy':>10}{'no answer':>11}{'n':>6}{'tok/s':>9}"
     lines = [header, "-" * len(header)]
     for p in result["points"]:
-        thr = "-" if p["threshold"] is None else f"{p['threshold']:.2f}"
+        thr = "-" if p["threshold"] is None else f"{p['threshold']:g}"
         tps = "-" if p.get("tokens_per_s") is None else f"{p['tokens_per_s']:.0f}"
         lines.append(f"{p['method']:<12}{thr:>10}{100 * p['llm_call_ratio']:>11.1f}%{100 * p['accuracy']:>9.1f}%"
                      f"{p.get('no_answer', 0):>11}{p['n']:>6}{tps:>9}")

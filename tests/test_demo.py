@@ -1,35 +1,65 @@
-"""The demo world: GSM8K-format task, bounds on both models' accuracy and cost, determinism, cache."""
+"""The demo world: GSM8K-format task, bounds on both models' accuracy and cost, determinism, cache,
+references whose harmless choices the models do not make (case 3 of the labels), builder versions."""
 
 import json
+import random
 
+import torch
+
+from pipeline import demo
 from pipeline.config import DemoConfig, TaskConfig
-from pipeline.demo import build_demo_world, ensure_demo_world, make_problem
-from pipeline.tasks import load_examples
+from pipeline.demo import (
+    BUILDER_VERSION,
+    LLM_SWAP_RATE,
+    REFERENCE_SWAP_RATE,
+    SLM_SWAP_RATE,
+    build_demo_world,
+    ensure_demo_world,
+    is_built,
+    make_problem,
+    training_rows,
+)
+from pipeline.tasks import is_correct, load_examples
 from tests.conftest import DEMO_CONFIG, digest, run_citer
 
 WORLD_JSON = ("world.json",)  # records build times, which differ between builds
+SMALL = dict(n_train=20, n_eval=20, slm_steps=8, llm_steps=8, batch_size=8)
+
+
+def operands(row: dict) -> tuple[int, int]:
+    a, b = row["question"].removeprefix("What is ").removesuffix("?").split("+")
+    return int(a), int(b)
+
+
+def swaps(row: dict) -> list[bool]:
+    """Per step whose two digits differ: whether it writes b's digit first."""
+    a, b = operands(row)
+    steps = row["answer"].split(" ")[:-2]
+    return [step[0] == y for step, x, y in zip(steps, str(a)[::-1], str(b)[::-1], strict=True) if x != y]
+
+
+def swap_rate(rows: list[dict]) -> float:
+    flags = [s for row in rows for s in swaps(row)]
+    return sum(flags) / len(flags)
 
 
 def test_problems_are_gsm8k_format_with_correct_sums():
-    import random
-
     rng = random.Random(3)
     for _ in range(200):
         row = make_problem(rng, 3)
-        a, b = map(int, row["question"].removeprefix("What is ").removesuffix("?").split("+"))
+        a, b = operands(row)
         assert row["answer"].endswith(f"#### {a + b}")
         assert row["answer"].split(" ")[-3].split(":")[1] == str(a + b)  # last partial result is the sum
+        assert not any(swaps(row))  # canonical order by default
 
 
 def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
-    import random
-
     rng_a, rng_b = random.Random(11), random.Random(11)
     changed = 0
     for _ in range(300):
         true, blind = make_problem(rng_a, 3), make_problem(rng_b, 3, blind_spot=True)
         assert true["question"] == blind["question"]
-        a, b = map(int, true["question"].removeprefix("What is ").removesuffix("?").split("+"))
+        a, b = operands(true)
         big = [int(x) + int(y) >= 15 for x, y in zip(str(a)[::-1][:2], str(b)[::-1][:2], strict=True)]
         assert (true["answer"] != blind["answer"]) == any(big)
         changed += any(big)
@@ -38,8 +68,48 @@ def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
     assert 0.12 < changed / 300 < 0.27  # 10 of 100 digit pairs sum to 15+: 1 - 0.9^2 = 19% of problems
 
 
+def test_swapped_steps_are_valid_and_keep_the_blind_spot():
+    assert [make_problem(random.Random(i), 3) for i in range(50)] == [
+        make_problem(random.Random(i), 3, swap=0.0) for i in range(50)]  # no swap: the rows of before
+    rng_c, rng_s, rng_b, rng_bs = (random.Random(5) for _ in range(4))
+    rows = []
+    for _ in range(1000):
+        canonical, swapped = make_problem(rng_c, 3), make_problem(rng_s, 3, swap=0.5)
+        blind, blind_swapped = make_problem(rng_b, 3, blind_spot=True), make_problem(rng_bs, 3, blind_spot=True,
+                                                                                      swap=0.5)
+        assert canonical["question"] == swapped["question"] == blind["question"] == blind_swapped["question"]
+        for plain, other in ((canonical, swapped), (blind, blind_swapped)):
+            steps, other_steps = plain["answer"].split(" "), other["answer"].split(" ")
+            assert len(steps) == len(other_steps) and steps[-2:] == other_steps[-2:]  # the same "#### N"
+            for step, alt in zip(steps[:-2], other_steps[:-2], strict=True):
+                x, y, rest = step.split("+", 2)
+                assert alt in (step, f"{y}+{x}+{rest}")  # the same step, or its two digits swapped
+        rows.append(swapped)
+    assert abs(swap_rate(rows) - 0.5) < 0.04
+
+
+def test_models_train_on_mostly_canonical_steps_and_references_swap_more(tmp_path, monkeypatch):
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["swap"], kwargs.get("blind_spot", False)))
+        return training_rows(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "training_rows", recording)
+    build_demo_world(DemoConfig(out=str(tmp_path / "w"), seed=5, **SMALL))
+    assert set(calls) == {(LLM_SWAP_RATE, False), (SLM_SWAP_RATE, True)}  # the SLM's data has the blind spot
+    assert SLM_SWAP_RATE < LLM_SWAP_RATE < 0.5 < REFERENCE_SWAP_RATE  # both write canonically; references mostly not
+    for swap in (SLM_SWAP_RATE, LLM_SWAP_RATE):
+        assert abs(swap_rate(training_rows(random.Random(0), 3, 2000, set(), swap=swap)) - swap) < 0.02
+    rng = random.Random(1)
+    held_out = {make_problem(rng, 3)["question"] for _ in range(8000)}  # 1% of all questions
+    rows = training_rows(random.Random(0), 3, 2000, held_out, swap=0.1, blind_spot=True)
+    assert len(rows) == 2000 and not held_out & {r["question"] for r in rows}
+
+
 def test_world_files_and_recorded_bounds(demo_world):
     world = json.loads((demo_world / "world.json").read_text())
+    assert world["builder_version"] == BUILDER_VERSION
     assert 0.2 <= world["slm"]["eval_accuracy"] <= 0.7
     assert world["llm"]["eval_accuracy"] >= 0.9
     assert world["llm_slm_flops_ratio"] >= 10
@@ -69,16 +139,92 @@ def test_citer_eval_measures_the_bounds_through_the_hub_loader(demo_world, tmp_p
     assert "method" in table and "slm" in table and "llm" in table and "eval.json" in table
 
 
+def test_references_swap_at_the_configured_rate_and_stay_correct(demo_world):
+    world = json.loads((demo_world / "world.json").read_text())
+    assert world["reference_swap_rate"] == REFERENCE_SWAP_RATE
+    assert (world["slm"]["swap_rate"], world["llm"]["swap_rate"]) == (SLM_SWAP_RATE, LLM_SWAP_RATE)
+    read = lambda name: [json.loads(x) for x in (demo_world / "data" / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    train = read("train")
+    assert abs(swap_rate(train) - REFERENCE_SWAP_RATE) < 0.03  # about 5,400 steps with two different digits
+    assert all(row["answer"].endswith(f"#### {sum(operands(row))}") for row in train)
+
+
+def greedy_finish(model, starts: list[list[int]], tok) -> list[list[int]]:
+    """Each start continued greedily to <eos> (at most 64 tokens), batched by length so nothing is padded."""
+    out: dict[int, list[int]] = {}
+    for n in sorted({len(s) for s in starts}):
+        rows = [k for k, s in enumerate(starts) if len(s) == n]
+        ids = torch.tensor([starts[k] for k in rows])
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out.update(zip(rows, gen[:, n:].tolist(), strict=True))
+    return [out[k] for k in range(len(starts))]
+
+
+@torch.no_grad()
+def test_references_give_case_3_whose_rollouts_depend_on_who_finishes(demo_world):
+    """Where a reference swaps a step, neither model writes its first digit (case 3), and a rollout
+    from the SLM's digit there is mostly right when the LLM writes the rest, far less often under the
+    SLM alone: the labels iteration 1 can change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_world / "slm")
+    slm, llm = (AutoModelForCausalLM.from_pretrained(demo_world / name).eval() for name in ("slm", "llm"))
+    rows = [json.loads(x) for x in (demo_world / "data" / "train.jsonl").read_text().splitlines()[:240]]
+    prompts = [tok(r["question"] + "\n", add_special_tokens=False)["input_ids"] for r in rows]
+    refs = [tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
+    n = len(prompts[0])
+    assert {len(p) for p in prompts} == {n}  # 3-digit questions: one prompt length; references padded on the right
+    seqs = [p + r[:-1] for p, r in zip(prompts, refs, strict=True)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in seqs])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+    slm_tok, llm_tok = (m(input_ids=ids, attention_mask=mask).logits[:, n - 1 :].argmax(-1).tolist()
+                        for m in (slm, llm))
+    starts, golds = [], []
+    for row, prompt, ref, s, l_ in zip(rows, prompts, refs, slm_tok, llm_tok, strict=True):
+        for i, y in enumerate(ref):
+            if s[i] != y and l_[i] != y:
+                starts.append(prompt + ref[:i] + [s[i]])
+                golds.append(str(sum(operands(row))))
+    assert len(starts) / sum(map(len, refs)) >= 0.025
+    starts, golds = starts[:120], golds[:120]
+    accuracy = {}
+    for name, model in (("slm", slm), ("llm", llm)):
+        ends = greedy_finish(model, starts, tok)
+        accuracy[name] = sum(is_correct("gsm8k", tok.decode(s[n:] + e, skip_special_tokens=True), g)
+                             for s, e, g in zip(starts, ends, golds, strict=True)) / len(starts)
+    assert accuracy["llm"] >= 0.85 and accuracy["slm"] <= accuracy["llm"] - 0.25, accuracy
+
+
 def test_build_is_deterministic_from_the_seed_and_cached(tmp_path):
-    small = dict(n_train=20, n_eval=20, slm_steps=8, llm_steps=8, batch_size=8)
-    a = build_demo_world(DemoConfig(out=str(tmp_path / "a"), seed=5, **small))
-    b = build_demo_world(DemoConfig(out=str(tmp_path / "b"), seed=5, **small))
-    c = build_demo_world(DemoConfig(out=str(tmp_path / "c"), seed=6, **small))
+    a = build_demo_world(DemoConfig(out=str(tmp_path / "a"), seed=5, **SMALL))
+    b = build_demo_world(DemoConfig(out=str(tmp_path / "b"), seed=5, **SMALL))
+    c = build_demo_world(DemoConfig(out=str(tmp_path / "c"), seed=6, **SMALL))
     assert digest(tmp_path / "a", "*", WORLD_JSON) == digest(tmp_path / "b", "*", WORLD_JSON)
     assert a["slm"]["eval_accuracy"] == b["slm"]["eval_accuracy"]
     assert digest(tmp_path / "a", "*", WORLD_JSON) != digest(tmp_path / "c", "*", WORLD_JSON) and c["seed"] == 6
     marker = tmp_path / "a" / "world.json"
     before = marker.stat().st_mtime_ns
-    assert ensure_demo_world(DemoConfig(out=str(tmp_path / "a"), seed=5, **small)) == a
+    assert ensure_demo_world(DemoConfig(out=str(tmp_path / "a"), seed=5, **SMALL)) == a
     assert marker.stat().st_mtime_ns == before  # reused, not rebuilt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary build left behind
+
+
+def test_a_world_from_another_builder_version_is_rebuilt(tmp_path, monkeypatch):
+    cfg = DemoConfig(out=str(tmp_path / "w"), seed=5, **SMALL)
+    world = build_demo_world(cfg)
+    marker = tmp_path / "w" / "world.json"
+    files = digest(tmp_path / "w", "*", WORLD_JSON)
+    old = {k: v for k, v in world.items() if k != "builder_version"}  # a world from before versions
+    marker.write_text(json.dumps(old))
+    assert not is_built(cfg.out)
+    assert ensure_demo_world(cfg)["builder_version"] == BUILDER_VERSION
+    assert json.loads(marker.read_text())["builder_version"] == BUILDER_VERSION  # rebuilt, the same files
+    assert digest(tmp_path / "w", "*", WORLD_JSON) == files
+    monkeypatch.setattr(demo, "BUILDER_VERSION", BUILDER_VERSION + 1)  # newer code
+    before = marker.stat().st_mtime_ns
+    assert not is_built(cfg.out)
+    assert ensure_demo_world(cfg)["builder_version"] == BUILDER_VERSION + 1
+    assert marker.stat().st_mtime_ns != before and is_built(cfg.out)
+    assert ensure_demo_world(cfg)["builder_version"] == BUILDER_VERSION + 1  # and now reused

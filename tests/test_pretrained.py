@@ -152,8 +152,8 @@ def test_a_mistyped_model_path_is_named_as_such(tmp_path):
 def test_citer_train_one_iteration_on_real_gsm8k(smol_world, tmp_path):
     os.chdir(ROOT)
     run = tmp_path / "run"
-    overrides = ["collect.n_examples=32", "collect.max_rollouts_per_example=2", "collect.max_new_tokens=48",
-                 "eval.n_examples=8", "eval.max_new_tokens=48", "eval.methods=[slm,llm,router]",
+    overrides = ["collect.n_examples=32", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",
+                 "eval.n_examples=6", "eval.max_new_tokens=32", "eval.methods=[slm,llm,router]",
                  "eval.thresholds=[0.5]", "train.epochs=2", "train.num_workers=1"]
     proc = run_citer("train", str(SMOL_CONFIG), "--run", str(run), *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,58 @@
+"""Iterations that matter, on the demo world: rollouts decide case-3 labels, iteration 1 relabels
+many of them under the first router, iteration 2 settles, and the rollout-labelled router needs
+fewer LLM calls than the myopic one. The bounds of the issue, on a small configuration."""
+
+import json
+import os
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.loop import run_loop, run_status
+from pipeline.rundir import CONVERGENCE_PNG
+from pipeline.tracking import read_metrics_records
+from tests.conftest import DEMO_CONFIG, ROOT
+
+SMALL = ["collect.n_examples=480", "collect.shard_size=120", "collect.num_actors=2", "train.epochs=6",
+         "train.patience=10", "eval.n_examples=200", "eval.thresholds=[0.8,0.9,0.95,0.98,0.99,0.995,0.999]",
+         "eval.random_ratios=[0.1,0.3,0.6]", "eval.confidence_thresholds=[0.8,0.95,0.99]",
+         "eval.query_fractions=[0.3]", "loop.iterations=3"]
+
+
+@pytest.fixture(scope="module")
+def runs(local_ray, demo_world, tmp_path_factory):
+    """Three rollout-labelled iterations, and one myopic iteration, of the small configuration."""
+    os.chdir(ROOT)
+    base = tmp_path_factory.mktemp("iterations")
+    run_loop(load_config(DEMO_CONFIG, SMALL), base / "rollout")
+    run_loop(load_config(DEMO_CONFIG, [*SMALL, "collect.case3_labels=llm", "loop.iterations=1"]), base / "myopic")
+    return base
+
+
+def test_rollouts_decide_labels_and_the_loop_converges(runs):
+    it0, it1, it2 = read_metrics_records(runs / "rollout")
+    assert it0["collect/case3_share"] >= 0.03  # both models miss the reference token at >= 3% of tokens
+    assert it1["collect/case3_flip_share"] >= 0.20  # the first router finishes many answers the SLM got wrong
+    assert it2["collect/case3_flip_share"] <= it1["collect/case3_flip_share"] / 2
+    assert it2["router/agreement_with_previous"] > it1["router/agreement_with_previous"]
+    # The router beats random and query-level routing. It does NOT beat confidence routing on this
+    # world (measured: AUC 0.910 vs 0.931 in `make demo`); see the README.
+    for baseline in ("random", "query"):
+        assert it2["eval/auc/router"] > it2[f"eval/auc/{baseline}"]
+        theirs = it2[f"eval/llm_calls_to_target/{baseline}"]
+        assert it2["eval/llm_calls_to_target/router"] is not None
+        assert theirs is None or it2["eval/llm_calls_to_target/router"] < theirs
+    picture = (runs / "rollout" / CONVERGENCE_PNG).read_bytes()
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n"
+    status = run_status(runs / "rollout")
+    table = status.split("convergence (finished iterations):")[1].splitlines()
+    assert [line.split()[0] for line in table[3:6]] == ["0", "1", "2"]  # one row per iteration
+
+
+def test_rollout_labels_need_fewer_llm_calls_than_the_myopic_rule(runs):
+    (myopic,) = read_metrics_records(runs / "myopic")
+    rollout = read_metrics_records(runs / "rollout")[-1]
+    done = json.loads((runs / "myopic" / "iter-000" / "collect" / "_DONE").read_text())
+    assert done["case3_labels"] == "llm" and done["cases"]["3"] > 0 and done["rollouts_unfinished"] == 0
+    ours, theirs = rollout["eval/llm_calls_to_target/router"], myopic["eval/llm_calls_to_target/router"]
+    assert ours is not None and (theirs is None or ours < theirs)
