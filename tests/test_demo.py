@@ -71,12 +71,11 @@ def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
 def test_swapped_steps_are_valid_and_keep_the_blind_spot():
     assert [make_problem(random.Random(i), 3) for i in range(50)] == [
         make_problem(random.Random(i), 3, swap=0.0) for i in range(50)]  # no swap: the rows of before
-    rng_c, rng_s, rng_b, rng_bs = (random.Random(5) for _ in range(4))
     rows = []
-    for _ in range(1000):
-        canonical, swapped = make_problem(rng_c, 3), make_problem(rng_s, 3, swap=0.5)
-        blind, blind_swapped = make_problem(rng_b, 3, blind_spot=True), make_problem(rng_bs, 3, blind_spot=True,
-                                                                                      swap=0.5)
+    for i in range(1000):  # a fresh generator per problem: swapping draws more numbers after the question
+        canonical, swapped = make_problem(random.Random(i), 3), make_problem(random.Random(i), 3, swap=0.5)
+        blind = make_problem(random.Random(i), 3, blind_spot=True)
+        blind_swapped = make_problem(random.Random(i), 3, blind_spot=True, swap=0.5)
         assert canonical["question"] == swapped["question"] == blind["question"] == blind_swapped["question"]
         for plain, other in ((canonical, swapped), (blind, blind_swapped)):
             steps, other_steps = plain["answer"].split(" "), other["answer"].split(" ")
