@@ -74,7 +74,7 @@ def test_router_beats_the_majority_rate_and_random_routing(labelled, tmp_path):
     assert best["val_loss"] == min(m["val_loss"] for m in history)
     # Label 1 ("SLM is enough") is the majority; beat it clearly: 30% of its errors gone, or more.
     majority = best["val_majority_rate"]
-    assert majority > 0.9 and 1 - best["val_accuracy"] < 0.7 * (1 - majority)
+    assert majority > 0.85 and 1 - best["val_accuracy"] < 0.7 * (1 - majority)
     assert best["val_precision_llm"] > 0.5 and best["val_recall_llm"] > 0.3
 
     router_dir = iteration_dir(run, 0) / "router"
