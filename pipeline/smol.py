@@ -39,7 +39,8 @@ from transformers.initialization import no_init_weights
 from pipeline import CiterError
 from pipeline.demo import save_tokenizer
 from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.models import flops_per_token
+from pipeline.models import encode_prompts, flops_per_token
+from pipeline.tasks import strip_calculator
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,6 @@ def cut_state_dict(state_dict: dict[str, torch.Tensor], n_layers: int) -> dict[s
 # The SLM's re-fit and the agreement figure
 
 
-def _strip_calculator(text: str) -> str:
-    return re.sub(r"<<[^>]*>>", "", text)
-
-
 def read_problems(cfg: SmolConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     """(fit problems, held-out problems, where they came from), deterministic from `cfg.seed`."""
     data = Path(cfg.data)
@@ -177,7 +174,7 @@ def read_problems(cfg: SmolConfig) -> tuple[list[tuple[str, str]], list[tuple[st
     if train_path.is_file() and test_path.is_file():
         def read(p: Path) -> list[tuple[str, str]]:
             rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            return [(r["question"], _strip_calculator(r["answer"])) for r in rows]
+            return [(r["question"], strip_calculator(r["answer"])) for r in rows]
 
         train, test = read(train_path), read(test_path)
         fit = random.Random(cfg.seed).sample(train, min(cfg.fit_examples, len(train)))
@@ -189,9 +186,7 @@ def read_problems(cfg: SmolConfig) -> tuple[list[tuple[str, str]], list[tuple[st
 def encode_problem(tok: PreTrainedTokenizerBase, question: str, answer: str) -> tuple[list[int], int]:
     """Chat-template prompt + worked answer + end of turn, as the pipeline teacher-forces them;
     and the prompt's length."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT_TEMPLATE.format(question=question)}],
-                                     add_generation_prompt=True, tokenize=True, return_dict=False)
-    prompt = list(prompt)
+    prompt = encode_prompts(tok, [PROMPT_TEMPLATE.format(question=question)], chat_template=True)[0]
     return prompt + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], len(prompt)
 
 

@@ -286,6 +286,11 @@ def _read_file(p: Path) -> list[dict]:
     raise CiterError(f"{p}: unsupported file type {suffix!r}; expected .json, .jsonl or .parquet")
 
 
+def strip_calculator(text: str) -> str:
+    """GSM8K's answer without its calculator annotations (`<<48/2=24>>`)."""
+    return re.sub(r"<<[^<>]*>>", "", text)
+
+
 def row_to_example(cfg: TaskConfig, row: dict, index: int, source: str, split: str) -> Example:
     """One dataset row -> `Example`, with errors naming the source, row and field."""
     where = f"{source}: row {index}"
@@ -308,7 +313,7 @@ def row_to_example(cfg: TaskConfig, row: dict, index: int, source: str, split: s
     if cfg.format == "gsm8k":
         question, reference = _text(get("question"), where, "question"), _text(get("answer"), where, "answer")
         if cfg.strip_calculator:
-            reference = re.sub(r"<<[^<>]*>>", "", reference)
+            reference = strip_calculator(reference)
         column = cfg.fields.get("answer", "answer")
         if "####" not in reference:
             raise CiterError(f"{where}: field '{column}' has no '#### <number>' final answer")
