@@ -24,17 +24,24 @@ SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B API key that m
 
 
 def start(run: Path) -> subprocess.Popen:
+    """Start `citer train` in its own session, its output kept in a log next to the run."""
     env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
-                             *SMALL], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = run.parent / f"start-{len(list(run.parent.glob('start-*.log')))}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
+                                 *SMALL], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it was {what}"
+    if proc.poll() is not None:
+        tail = proc.log.read_text()[-4000:]  # type: ignore[attr-defined]
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it was {what}:\n{tail}")
     kill_session(proc.pid)
     proc.wait()
 
@@ -51,6 +58,9 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
     os.chdir(ROOT)
     reference = tmp_path / "uninterrupted"
     run_collect(load_config(DEMO_CONFIG, SMALL), reference, 0)
+    # Each `citer train` below starts its own Ray, as on a user's machine: alone, so that Ray's
+    # helpers that look for "the" local instance (Train's placement-group cleaner) find one.
+    local_ray.shutdown()
 
     run = tmp_path / "run"
     it = iteration_dir(run, 0)
@@ -98,6 +108,7 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
 
     # The API key is in no file of the run and in no output.
     assert SECRET not in done.stdout + done.stderr
+    assert all(SECRET not in log.read_text() for log in tmp_path.glob("start-*.log"))
     for path in run.rglob("*"):
         if path.is_file() and path.stat().st_size < 50 * 2**20:
             assert SECRET.encode() not in path.read_bytes(), path
