@@ -1,33 +1,43 @@
-"""Decoding benchmark: figures side by side, ours vs the baseline, in one run.
+"""Decoding benchmark: router decoding vs LLM-only decoding (and speculative decoding), side by side.
 
-Measures, on an untrained Llama pair of realistic shape where the LLM costs >= 10x the SLM:
-  1. our cached batched decoder vs the same policy with the LLM re-run over the whole prefix on
-     every call (the public CITER code's batched path): tokens/s;
-  2. router decoding at ~20% LLM tokens vs LLM-only decoding: wall-clock, next to the ideal
-     speed-up 1 / (r + c_S / c_L) from the measured per-token costs, batched and one row at a time;
-  3. the router's share of each step's time, and its memory;
-  4. estimated FLOPs per generated token (2 x parameters per token each model processes).
+  1. Per-pass costs, measured: one forward of each model over B rows x k new tokens with a
+     64-token cache. They give each batch size's ceiling: LLM-only time over the time of T SLM
+     passes plus r*T LLM passes over 1/r catch-up tokens each (router decoding with free waiting).
+  2. An untrained Llama pair of realistic shape (SLM 256 x 4, LLM 768 x 12), at batch 1, 8 and 32:
+     LLM-only vs router decoding at ~20% LLM tokens, with the LLM called at once for any row
+     ("immediate") and batched across steps ("batched": once every active row waits, or a row
+     waited `--max-wait` steps). Decisions are seeded random draws at the target ratio (the router
+     still runs every step, for its cost): an untrained router on an untrained pair makes
+     degenerate choices. Tokens/s, LLM passes, tokens the LLM read, speed-up and its ceiling.
+  3. The demo pair with its trained router (from `make demo`'s run), and speculative decoding
+     (transformers' assisted generation, the SLM as draft, batch 1, exact LLM output) on the same
+     prompts, on both pairs.
 
-Run: python benchmarks/decode.py [--batch 8] [--new-tokens 96] [--repeats 3]
+Every row's tokens are checked equal across schedules (greedy output does not depend on them).
+
+Run: python benchmarks/decode.py [--json out.json] [--repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.decoding import LLMOnly, RandomPolicy, SLMOnly, collaborative_decode, llm_call_ratio
+from pipeline.decoding import IMMEDIATE, LLMOnly, RandomPolicy, RouterPolicy, Schedule, decode, llm_call_ratio
 from pipeline.models import count_parameters
-from pipeline.router import Router, RouterSpec
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 8192
 
 
-def model(hidden: int, layers: int) -> LlamaForCausalLM:
+def llama(hidden: int, layers: int) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
                       tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=1)
@@ -35,11 +45,9 @@ def model(hidden: int, layers: int) -> LlamaForCausalLM:
 
 
 class ScoredRandomPolicy(RandomPolicy):
-    """Runs the router every step (so its cost is in every timing) but routes by seeded random
-    draws at `ratio`: an untrained router on an untrained pair makes degenerate decisions (rows
-    loop, and a whole row goes to one model), which would say nothing about a trained router."""
+    """Routes by seeded random draws at `ratio`, but runs the router every step for its cost."""
 
-    def __init__(self, router: Router, ratio: float):
+    def __init__(self, router, ratio: float):
         super().__init__(ratio=ratio, seed=0)
         self.router = router
 
@@ -48,7 +56,7 @@ class ScoredRandomPolicy(RandomPolicy):
         return super().route(hidden, logits, rows, steps)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -57,83 +65,214 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+@torch.no_grad()
+def pass_cost(model, rows: int, tokens: int, cached: int = 64, repeats: int = 5) -> float:
+    """Seconds for one forward of `rows` x `tokens` new tokens after `cached` cached ones."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(2, VOCAB, (rows, cached))
+    new = torch.randint(2, VOCAB, (rows, tokens))
+    costs = []
+    for _ in range(repeats):
+        cache = DynamicCache()
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        t0 = time.perf_counter()
+        model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1)
+        costs.append(time.perf_counter() - t0)
+    return statistics.median(costs)
+
+
+class PassCounter:
+    """Counts a model's forward calls (for transformers' `generate`, which does not report them)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def speculative(slm, llm, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int, counter: PassCounter):
+    """Assisted generation one prompt at a time; the new tokens of each row (cut at an end id)."""
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        gen = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=slm, do_sample=False,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+        new = gen[0, len(p):].tolist()
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
+        out.append(new[:cut])
+    return out
+
+
+def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, eos_ids, pad_id, n_ids, repeats,
+             max_wait: int, costs: dict) -> list[dict]:
+    rows = []
+    for batch in batches:
+        kw = dict(eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=max_new_tokens, n_ids=n_ids, batch_size=batch)
+        use = prompts[: max(batch, min(len(prompts), 2 * batch))]  # at least two batches' worth where there are
+        t_llm, llm_only = timed(lambda u=use, k=kw: decode(slm, llm, u, LLMOnly(), **k), repeats)
+        tokens = [g.tokens for g in llm_only.generations]
+        n_llm = sum(map(len, tokens))
+        results = {"llm-only": (t_llm, llm_only)}
+        batched = Schedule(wait_fraction=1.0, max_wait=max_wait)
+        for label, schedule in (("immediate", IMMEDIATE), ("batched", batched)):
+            results[label] = timed(lambda u=use, k=kw, s=schedule: decode(slm, llm, u, policy, schedule=s, **k),
+                                   repeats)
+        routed = [g.tokens for g in results["immediate"][1].generations]
+        assert routed == [g.tokens for g in results["batched"][1].generations], "schedules must give equal tokens"
+        r = llm_call_ratio(results["batched"][1].generations)
+        steps = statistics.mean(len(t) for t in routed)
+        c_s, c_l1 = costs[name]["slm"](batch, 1), costs[name]["llm"](batch, 1)
+        chunk = max(1, round(1 / r)) if r > 0 else 1
+        c_lk = costs[name]["llm"](batch, chunk)
+        ceiling = (steps * c_l1) / (steps * c_s + r * steps * c_lk)
+        for label, (seconds, done) in results.items():
+            n = sum(len(g.tokens) for g in done.generations)
+            rows.append({"pair": name, "batch": batch, "rows": len(use), "method": label,
+                         "llm_call_ratio": llm_call_ratio(done.generations), "seconds": seconds,
+                         "tokens_per_s": n / seconds, **done.counts(),
+                         "speedup_vs_llm_only": (t_llm / n_llm) / (seconds / n) if label != "llm-only" else 1.0,
+                         "ceiling": ceiling if label != "llm-only" else None})
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    head = (f"{'pair':<10}{'batch':>6}{'method':>11}{'LLM tok':>9}{'tok/s':>8}{'LLM passes':>11}{'LLM read':>10}"
+            f"{'SLM passes':>11}{'speed-up':>10}{'ceiling':>9}{'of ceiling':>11}")
+    print(head + "\n" + "-" * len(head))
+    for x in rows:
+        ceiling = "-" if x["ceiling"] is None else f"{x['ceiling']:.2f}x"
+        share = "-" if x["ceiling"] is None else f"{x['speedup_vs_llm_only'] / x['ceiling']:.0%}"
+        print(f"{x['pair']:<10}{x['batch']:>6}{x['method']:>11}{x['llm_call_ratio']:>8.1%}{x['tokens_per_s']:>8.0f}"
+              f"{x['llm_passes']:>11,}{x['llm_tokens_processed']:>10,}{x['slm_passes']:>11,}"
+              f"{x['speedup_vs_llm_only']:>9.2f}x{ceiling:>9}{share:>11}")
+
+
+def demo_pair(run: Path):
+    """The demo world's pair and the newest trained router of `run`, or None when absent."""
+    from pipeline.config import ModelsConfig
+    from pipeline.models import load_pair
+    from pipeline.router import load_router
+
+    routers = sorted(run.glob("iter-*/router"))
+    world = ROOT / ".citer" / "demo-world"
+    if not routers or not (world / "llm").is_dir():
+        return None
+    pair = load_pair(ModelsConfig(slm=str(world / "slm"), llm=str(world / "llm")))
+    return pair, load_router(routers[-1], expected_input_size=pair.hidden_size).router, routers[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-tokens", type=int, default=48)
-    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--target-ratio", type=float, default=0.2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-wait", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--demo-run", type=Path, default=ROOT / "runs" / "demo", help="a `make demo` run directory")
+    ap.add_argument("--demo-threshold", type=float, default=0.9, help="router threshold on the demo pair")
+    ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    slm, llm = model(256, 4), model(768, 12)
+    report: dict = {"threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
+
+    slm, llm = llama(256, 4), llama(768, 12)
+    from pipeline.router import Router, RouterSpec
+
     router = Router(RouterSpec(input_size=256)).eval()
-    prompts = torch.randint(2, VOCAB, (args.batch, args.prompt_tokens)).tolist()
-    prompts[1] = prompts[1][: args.prompt_tokens // 2]  # mixed lengths: a left-padded batch
-    kw = dict(eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens)
-    print(f"pair: untrained Llama, SLM hidden 256 x 4 layers ({count_parameters(slm) / 1e6:.1f}M params), "
-          f"LLM hidden 768 x 12 layers ({count_parameters(llm) / 1e6:.1f}M params), vocab {VOCAB}")
-    print(f"batch {args.batch}, prompts of {args.prompt_tokens // 2}-{args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens per row, median of {args.repeats} runs, {torch.get_num_threads()} threads\n")
+    print(f"realistic pair: untrained Llama, SLM 256 x 4 ({count_parameters(slm) / 1e6:.1f}M params), "
+          f"LLM 768 x 12 ({count_parameters(llm) / 1e6:.1f}M params), vocab {VOCAB}; {torch.get_num_threads()} threads")
 
-    policy = ScoredRandomPolicy(router, args.target_ratio)
+    print("\n1. one forward pass, 64 cached tokens (ms)")
+    measured: dict = {}
+    for label, model in (("slm", slm), ("llm", llm)):
+        for rows in args.batches:
+            for k in (1, 5):
+                measured[f"{label} {rows}x{k}"] = pass_cost(model, rows, k)
+        print("   " + label.upper() + ": " + ", ".join(f"{key.split()[1]} {1e3 * v:.0f}"
+                                                       for key, v in measured.items() if key.startswith(label)))
 
-    t_slm, _ = timed(lambda: collaborative_decode(slm, None, prompts, SLMOnly(), **kw), args.repeats)
-    t_llm, llm_gens = timed(lambda: collaborative_decode(None, llm, prompts, LLMOnly(), **kw), args.repeats)
-    t_ours, ours = timed(lambda: collaborative_decode(slm, llm, prompts, policy, **kw), args.repeats)
-    t_theirs, theirs = timed(lambda: collaborative_decode(slm, llm, prompts, policy, llm_cache=False, **kw),
-                             args.repeats)
-    assert [g.tokens for g in ours] == [g.tokens for g in theirs], "both LLM paths must decode the same tokens"
-    n_tokens = sum(len(g.tokens) for g in ours)
-    r = llm_call_ratio(ours)
+    def cost_fn(model, label):
+        def cost(rows, k):
+            key = f"{label} {rows}x{k}"
+            if key not in measured:
+                measured[key] = pass_cost(model, rows, k)
+            return measured[key]
+        return cost
 
-    print("1. cached batched decoder vs LLM re-run over the whole prefix on every call")
-    print(f"   {'ours (both KV caches)':<34}{n_tokens / t_ours:>9.0f} tok/s   {t_ours:6.2f} s")
-    print(f"   {'re-run prefix (public CITER code)':<34}{n_tokens / t_theirs:>9.0f} tok/s   {t_theirs:6.2f} s")
-    print(f"   ratio ours/baseline: {t_theirs / t_ours:.2f}x  (LLM tokens {r:.1%}; decisions: seeded random at "
-          f"{args.target_ratio:.0%} per token, the router run every step for its cost)\n")
+    costs = {"realistic": {"slm": cost_fn(slm, "slm"), "llm": cost_fn(llm, "llm")}}
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, VOCAB, (args.prompt_tokens - (i % 3) * 8,), generator=gen).tolist() for i in range(64)]
 
-    c_s, c_l = t_slm / n_tokens, t_llm / sum(len(g.tokens) for g in llm_gens)
-    ideal = 1.0 / (r + c_s / c_l)
-    print(f"2. router decoding at {r:.1%} LLM tokens vs LLM-only decoding (wall-clock)")
-    print(f"   {'LLM only':<34}{t_llm:>9.2f} s")
-    print(f"   {'router decoding':<34}{t_ours:>9.2f} s")
-    print(f"   speed-up: {t_llm / t_ours:.2f}x measured vs {ideal:.2f}x ideal = 1/(r + c_S/c_L) with "
-          f"c_S = {1e3 * c_s:.2f} ms, c_L = {1e3 * c_l:.2f} ms per token (batched)")
-    # One row at a time: the LLM runs only on the steps it is called for.
-    rows = prompts[: max(1, args.batch // 2)]
-    one = lambda p: [collaborative_decode(slm, llm, [row], p, row_ids=[i], **kw)  # noqa: E731
-                     for i, row in enumerate(rows)]
-    t_llm1, _ = timed(lambda: one(LLMOnly()), args.repeats)
-    t_slm1, _ = timed(lambda: one(SLMOnly()), args.repeats)
-    t_ours1, gens1 = timed(lambda: one(policy), args.repeats)
-    r1 = llm_call_ratio([g for gs in gens1 for g in gs])
-    ideal1 = 1.0 / (r1 + t_slm1 / t_llm1)
-    print(f"   batch 1 ({len(rows)} rows one by one, {r1:.1%} LLM tokens): LLM only {t_llm1:.2f} s, router decoding "
-          f"{t_ours1:.2f} s, speed-up {t_llm1 / t_ours1:.2f}x measured vs {ideal1:.2f}x ideal")
-    print("   (in a batch, a step needs the LLM when any row does: with r per token that is 1-(1-r)^batch of "
-          f"steps = {1 - (1 - r) ** args.batch:.0%} here)\n")
+    print(f"\n2. router decoding at ~{args.target_ratio:.0%} LLM tokens vs LLM-only, {args.new_tokens} new tokens "
+          f"a row, median of {args.repeats}")
+    rows = run_pair("realistic", slm, llm, prompts, ScoredRandomPolicy(router, args.target_ratio),
+                    batches=args.batches, max_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0, n_ids=None,
+                    repeats=args.repeats, max_wait=args.max_wait, costs=costs)
+    print_rows(rows)
 
-    h = torch.randn(args.batch, 256)
-    t_router, _ = timed(lambda: [router.prob(h) for _ in range(200)], args.repeats)
-    per_step_router = t_router / 200
-    per_step = t_ours / args.new_tokens
-    router_bytes = sum(p.numel() * p.element_size() for p in router.parameters()) + sum(
-        b.numel() * b.element_size() for b in router.buffers())
-    print("3. router overhead per decoding step (batch of rows)")
-    print(f"   router {1e3 * per_step_router:.3f} ms of {1e3 * per_step:.2f} ms per step = "
-          f"{per_step_router / per_step:.2%}; router weights {router_bytes / 2**20:.2f} MiB "
-          f"({count_parameters(router) / 1e6:.2f}M params) vs SLM {count_parameters(slm) * 4 / 2**20:.0f} MiB, "
-          f"LLM {count_parameters(llm) * 4 / 2**20:.0f} MiB\n")
+    print("\n3. speculative decoding (assisted generation, the SLM drafts; batch 1) vs LLM-only vs router, batch 1")
+    spec_rows = []
+    few = prompts[:4]
+    counter = PassCounter(llm)
+    for label, fn in (("llm-only", lambda: decode(slm, llm, few, LLMOnly(), eos_ids=[1], pad_id=0,
+                                                   max_new_tokens=args.new_tokens, batch_size=1)),
+                      ("router", lambda: decode(slm, llm, few, ScoredRandomPolicy(router, args.target_ratio),
+                                                eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens, batch_size=1,
+                                                schedule=IMMEDIATE)),
+                      ("speculative", lambda: speculative(slm, llm, few, args.new_tokens, {1}, 0, counter))):
+        counter.calls = 0
+        seconds, out = timed(fn, 1)
+        tokens = out if label == "speculative" else [g.tokens for g in out.generations]
+        spec_rows.append({"pair": "realistic", "method": label, "seconds": seconds, "llm_passes": counter.calls,
+                          "tokens": sum(map(len, tokens)), "tokens_list": tokens})
+    assert spec_rows[2]["tokens_list"] == spec_rows[0]["tokens_list"], "assisted generation must equal the LLM's"
 
-    f_s, f_l, f_r = (2 * count_parameters(m) for m in (slm, llm, router))
-    routed = f_s + f_r + r * f_l
-    print("4. estimated FLOPs per generated token (2 x parameters per processed token)")
-    print(f"   {'LLM only':<34}{f_l / 1e6:>9.1f} MFLOP")
-    print(f"   {'router decoding':<34}{routed / 1e6:>9.1f} MFLOP   (SLM {f_s / 1e6:.1f} + router {f_r / 1e6:.2f} "
-          f"+ {r:.1%} x LLM)")
-    print(f"   ratio LLM-only/router: {f_l / routed:.2f}x at LLM call ratio {r:.1%}")
+    demo = demo_pair(args.demo_run)
+    if demo is None:
+        print(f"\n(demo pair skipped: no trained router under {args.demo_run}; run `make demo` first)")
+    else:
+        pair, trained, where = demo
+        from pipeline.demo import make_problem
+
+        tok = pair.tokenizer
+        demo_prompts = [tok(make_problem(random.Random(10_000 + i), 3)["question"] + "\n",
+                            add_special_tokens=False)["input_ids"] for i in range(64)]
+        policy = RouterPolicy(trained, args.demo_threshold)
+        print(f"\n   demo pair, router {where} at threshold {args.demo_threshold}")
+        costs["demo"] = {"slm": cost_fn(pair.slm, "demo-slm"), "llm": cost_fn(pair.llm, "demo-llm")}
+        demo_rows = run_pair("demo", pair.slm, pair.llm, demo_prompts, policy, batches=[8], max_new_tokens=48,
+                             eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, n_ids=pair.n_ids, repeats=args.repeats,
+                             max_wait=args.max_wait, costs=costs)
+        print_rows(demo_rows)
+        rows += demo_rows
+        few = demo_prompts[:16]
+        counter = PassCounter(pair.llm)
+        kw = dict(eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, n_ids=pair.n_ids, max_new_tokens=48, batch_size=1)
+        for label, fn in (("llm-only", lambda: decode(pair.slm, pair.llm, few, LLMOnly(), **kw)),
+                          ("router", lambda: decode(pair.slm, pair.llm, few, policy, schedule=IMMEDIATE, **kw)),
+                          ("speculative", lambda: speculative(pair.slm, pair.llm, few, 48, set(pair.eos_ids),
+                                                              tok.pad_token_id, counter))):
+            counter.calls = 0
+            seconds, out = timed(fn, 1)
+            tokens = out if label == "speculative" else [g.tokens for g in out.generations]
+            spec_rows.append({"pair": "demo", "method": label, "seconds": seconds, "llm_passes": counter.calls,
+                              "tokens": sum(map(len, tokens)), "tokens_list": tokens})
+        assert spec_rows[5]["tokens_list"] == spec_rows[3]["tokens_list"], "assisted generation must equal the LLM's"
+
+    print(f"\n{'pair':<10}{'method':>12}{'seconds':>9}{'tok/s':>8}{'LLM passes':>11}{'speed-up':>10}")
+    for x in spec_rows:
+        base = next(y for y in spec_rows if y["pair"] == x["pair"] and y["method"] == "llm-only")
+        print(f"{x['pair']:<10}{x['method']:>12}{x['seconds']:>9.2f}{x['tokens'] / x['seconds']:>8.0f}"
+              f"{x['llm_passes']:>11,}{base['seconds'] / x['seconds'] * x['tokens'] / base['tokens']:>9.2f}x")
+    print("(router LLM passes count only the LLM's forward calls; speculative: the LLM's verification passes)")
+    report["pass_ms"] = {k: 1e3 * v for k, v in measured.items()}
+    report["decode"] = rows
+    report["batch_1_methods"] = [{k: v for k, v in x.items() if k != "tokens_list"} for x in spec_rows]
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,10 @@ def label_shard(pair, cfg: Config, examples: list[Example], policy,
     from pipeline.rewards import NEEDS_ROLLOUT, Rollout, encode_reference, label_examples, run_rollouts, teacher_forced
 
     c = cfg.collect
-    kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
+    from pipeline.decoding import Schedule
+
+    kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+              schedule=Schedule.of(cfg.decode))
     if previous is None:
         tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template,
                             system_prompt=cfg.task.system_prompt, batch_size=c.batch_size)

@@ -89,7 +89,7 @@ class RouterConfig:
     dropout: float = _f(0.1, range=(0.0, 1.0))
 
 
-EVAL_METHODS = ("slm", "llm", "router", "random", "confidence", "query")
+EVAL_METHODS = ("slm", "llm", "router", "random", "confidence", "query", "speculative")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,18 +99,30 @@ class EvalConfig:
     Methods: `slm` and `llm` alone; `router` at each of `thresholds`; `random` routing at each of
     `random_ratios`; `confidence` routing (LLM where the SLM's top-1 probability is below each of
     `confidence_thresholds`); `query` routing (the `query_fractions` of queries with the lowest
-    SLM mean confidence answered wholly by the LLM).
+    SLM mean confidence answered wholly by the LLM); and, when listed, `speculative` decoding (the
+    SLM drafts, the LLM checks every token: the LLM's accuracy, for its wall-clock and passes).
     """
 
     n_examples: int = _f(500, range=(1, None))
     batch_size: int = _f(64, range=(1, None))
     max_new_tokens: int = _f(128, range=(1, None))
-    methods: list[str] = _f(item_choices=EVAL_METHODS, factory=lambda: list(EVAL_METHODS))
+    methods: list[str] = _f(item_choices=EVAL_METHODS, factory=lambda: list(EVAL_METHODS[:-1]))
     thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     random_ratios: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7])
     confidence_thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     query_fractions: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     seed: int = 0  # random routing draws
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """When collaborative decoding (evaluation and rollouts) runs the LLM. A row the router sends
+    to the LLM waits while the other rows go on with the SLM; the LLM runs for the whole batch once
+    `llm_wait_fraction` of its active rows wait (0: at once), or once a row has waited
+    `llm_max_wait` SLM steps. Greedy tokens do not depend on these; throughput does."""
+
+    llm_wait_fraction: float = _f(1.0, range=(0.0, 1.0))
+    llm_max_wait: int = _f(16, range=(0, None))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +217,7 @@ class Config:
     demo: DemoConfig | None = None  # when set, commands build the demo world first if absent
     router: RouterConfig = _f(factory=RouterConfig)
     eval: EvalConfig = _f(factory=EvalConfig)
+    decode: DecodeConfig = _f(factory=DecodeConfig)
     collect: CollectConfig = _f(factory=CollectConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     deepspeed: DeepSpeedConfig = _f(factory=DeepSpeedConfig)

@@ -167,7 +167,7 @@ def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, examples: li
     model.eval()
     prompts = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in examples]
     outs = decode(model, None, prompts, SLMOnly(), pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
-                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+                  max_new_tokens=max_new_tokens, batch_size=batch_size).generations
     ok = sum(is_correct("gsm8k", tok.decode(o.tokens, skip_special_tokens=True), ex.answer)
              for o, ex in zip(outs, examples, strict=True))
     return ok / len(examples)

@@ -22,12 +22,14 @@ from pipeline.decoding import (
     Policy,
     RandomPolicy,
     RouterPolicy,
+    Schedule,
     SLMOnly,
     decode,
     llm_call_ratio,
+    speculative_decode,
 )
 from pipeline.io import atomic_write_json, atomic_writer
-from pipeline.models import ModelPair, encode_prompts, load_pair
+from pipeline.models import ModelPair, encode_prompts, flops_per_token, load_pair
 from pipeline.router import Router, load_router
 from pipeline.tasks import Example, extract_answer, load_examples
 
@@ -44,14 +46,15 @@ def score(pair: ModelPair, task_format: str, gens: list[Generation], examples: l
 
 
 def make_point(method: str, threshold: float | None, gens: list[Generation], scored: list[bool | None],
-               seconds: float) -> dict[str, Any]:
+               seconds: float, counts: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """One eval point. `counts` are what the models really did (`Decoding.counts()`): passes and
+    tokens each model read, and the FLOPs those tokens cost."""
     n_tokens = sum(len(g.tokens) for g in gens)
     return {
         "method": method,
         "threshold": threshold,
         "llm_call_ratio": llm_call_ratio(gens),
-        "llm_forward_calls": sum(g.llm_forward_calls for g in gens),
-        "slm_forward_calls": sum(g.slm_forward_calls for g in gens),
+        **(counts or {}),
         "accuracy": sum(x is True for x in scored) / len(scored),
         "no_answer": sum(x is None for x in scored),
         "n": len(scored),
@@ -66,17 +69,23 @@ def run_policy(pair: ModelPair, policy: Policy, prompts: list[list[int]], exampl
     """Decode every prompt under `policy`, score, and time it."""
     label = policy.name if threshold is None else f"{policy.name} @ {threshold:g}"
     t0 = time.perf_counter()
-    gens = decode(pair.slm, pair.llm, prompts, policy, **pair.decode_kwargs, max_new_tokens=cfg.eval.max_new_tokens,
-                  batch_size=cfg.eval.batch_size, desc=label)
+    done = decode(pair.slm, pair.llm, prompts, policy, **pair.decode_kwargs, max_new_tokens=cfg.eval.max_new_tokens,
+                  batch_size=cfg.eval.batch_size, schedule=Schedule.of(cfg.decode), desc=label)
     seconds = time.perf_counter() - t0
-    return make_point(policy.name, threshold, gens, score(pair, cfg.task.format, gens, examples), seconds), gens
+    counts = {**done.counts(), "flops": flops_per_token(pair.slm) * done.slm_tokens_processed
+              + flops_per_token(pair.llm) * done.llm_tokens_processed}
+    gens = done.generations
+    return make_point(policy.name, threshold, gens, score(pair, cfg.task.format, gens, examples), seconds,
+                      counts), gens
 
 
 def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tuple[dict, list[Generation], list[bool]],
                  fractions: list[float]) -> list[dict[str, Any]]:
     """Query-level routing from the two single-model runs: score each query by the SLM's mean
     top-1 probability over its own answer (the first pass), and give the `fraction` of queries
-    with the lowest scores wholly to the LLM. Time = the SLM pass + those rows' share of the LLM's."""
+    with the lowest scores wholly to the LLM. Time = the SLM pass + those rows' share of the LLM's.
+    Tokens each model read are the rows' own; passes are not measured (they depend on how the
+    chosen rows would be batched) and left None."""
     (slm_point, slm_gens, slm_ok), (llm_point, llm_gens, llm_ok) = slm_run, llm_run
     scores = [sum(g.slm_confidence) / len(g.slm_confidence) for g in slm_gens]
     order = sorted(range(len(scores)), key=lambda i: scores[i])
@@ -87,12 +96,16 @@ def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tu
         gens, ok = [], []
         for i in range(len(scores)):
             g = llm_gens[i] if i in to_llm else slm_gens[i]
-            gens.append(Generation(tokens=g.tokens, from_llm=g.from_llm, llm_forward_calls=g.llm_forward_calls,
-                                   slm_forward_calls=slm_gens[i].slm_forward_calls))
+            gens.append(Generation(tokens=g.tokens, from_llm=g.from_llm,
+                                   llm_tokens_processed=g.llm_tokens_processed if i in to_llm else 0,
+                                   slm_tokens_processed=slm_gens[i].slm_tokens_processed))
             ok.append(llm_ok[i] if i in to_llm else slm_ok[i])
         llm_share = sum(len(llm_gens[i].tokens) for i in to_llm) / llm_tokens_total
         seconds = slm_point["seconds"] + llm_share * llm_point["seconds"]
-        points.append(make_point("query", fraction, gens, ok, seconds))
+        counts = {"llm_passes": None, "slm_passes": None,
+                  "llm_tokens_processed": sum(g.llm_tokens_processed for g in gens),
+                  "slm_tokens_processed": sum(g.slm_tokens_processed for g in gens)}
+        points.append(make_point("query", fraction, gens, ok, seconds, counts))
     return points
 
 
@@ -185,9 +198,16 @@ def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[
         points.append(run_policy(pair, policy, prompts, examples, cfg, threshold)[0])
     if "query" in methods:
         points += query_points(singles["slm"], singles["llm"], cfg.eval.query_fractions)
+    if "speculative" in methods:
+        t0 = time.perf_counter()
+        done = speculative_decode(pair.slm, pair.llm, prompts, eos_ids=pair.eos_ids, pad_id=pair.tokenizer.pad_token_id,
+                                  max_new_tokens=cfg.eval.max_new_tokens, desc="speculative")
+        points.append(make_point("speculative", None, done.generations,
+                                 score(pair, cfg.task.format, done.generations, examples), time.perf_counter() - t0,
+                                 done.counts()))
     points += reused
     slm_acc, llm_acc = singles["slm"][0]["accuracy"], singles["llm"][0]["accuracy"]
-    swept = sorted({p["method"] for p in points} - {"slm", "llm"})
+    swept = sorted({p["method"] for p in points} - {"slm", "llm", "speculative"})
     auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
     at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
                     for r in (0.1, 0.2, 0.3)} for m in swept}
@@ -230,13 +250,15 @@ def plot_curve(result: dict[str, Any], path: str | Path) -> None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The eval points as an aligned text table, then each method's AUC."""
-    header = f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'accuracy':>10}{'no answer':>11}{'n':>6}{'tok/s':>9}"
+    header = (f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'LLM passes':>12}{'LLM read':>10}"
+              f"{'accuracy':>10}{'no answer':>11}{'n':>6}{'tok/s':>9}")
     lines = [header, "-" * len(header)]
+    dash = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for p in result["points"]:
-        thr = "-" if p["threshold"] is None else f"{p['threshold']:g}"
-        tps = "-" if p.get("tokens_per_s") is None else f"{p['tokens_per_s']:.0f}"
-        lines.append(f"{p['method']:<12}{thr:>10}{100 * p['llm_call_ratio']:>11.1f}%{100 * p['accuracy']:>9.1f}%"
-                     f"{p.get('no_answer', 0):>11}{p['n']:>6}{tps:>9}")
+        lines.append(f"{p['method']:<12}{dash(p['threshold'], 'g'):>10}{100 * p['llm_call_ratio']:>11.1f}%"
+                     f"{dash(p.get('llm_passes'), ',d'):>12}{dash(p.get('llm_tokens_processed'), ',d'):>10}"
+                     f"{100 * p['accuracy']:>9.1f}%{p.get('no_answer', 0):>11}{p['n']:>6}"
+                     f"{dash(p.get('tokens_per_s'), '.0f'):>9}")
     if result.get("auc"):
         order = sorted(result["auc"], key=lambda m: -result["auc"][m])
         lines.append("")

@@ -142,23 +142,51 @@ class Rollout:
         return self.prompt_ids + self.reference_ids[: self.position] + [self.slm_token]
 
 
+@torch.no_grad()
+def prefix_states(model, seqs: list[list[int]], pad_id: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One right-padded forward over `seqs`; each sequence's (key, value) states per layer, views
+    of the batch's cache whose first len(seq) positions are that sequence's own."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
+    cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
+    return [[(layer.keys[i : i + 1], layer.values[i : i + 1]) for layer in cache.layers] for i in range(len(seqs))]
+
+
 def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, policy, max_new_tokens: int,
-                 batch_size: int) -> tuple[list[bool], int]:
-    """Finish every rollout under `policy`, all batched, and score it. Returns the outcomes and the
-    number of rollouts cut off by `max_new_tokens` before an end id (scored wrong: no answer).
+                 batch_size: int, schedule=None) -> tuple[list[bool], int]:
+    """Finish every rollout under `policy` and score it. Returns the outcomes and the number of
+    rollouts cut off by `max_new_tokens` before an end id (scored wrong: no answer).
+
+    Rollouts are decoded `batch_size` examples at a time: one forward of each model over an
+    example's prompt + reference gives the states every rollout of that example starts from
+    (cropped to its position), instead of one prefill per rollout.
 
     A rollout is scored on the response (the reference prefix and the rollout's own tokens, never
     the prompt), and is correct only when the decisive answer lies in its own text (`score_rollout`)."""
-    from pipeline.decoding import decode
+    from pipeline.decoding import Prefix, Schedule, decode
     from pipeline.tasks import score_rollout
 
     tok, eos = pair.tokenizer, set(pair.eos_ids)
     live = [k for k, r in enumerate(rollouts) if r.slm_token not in eos]  # an end id ends the response already
+    by_example: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for k in live:
+        by_example.setdefault((tuple(rollouts[k].prompt_ids), tuple(rollouts[k].reference_ids)), []).append(k)
+    groups = list(by_example.items())
     continuations: dict[int, list[int]] = {}
-    if live:
-        gens = decode(pair.slm, pair.llm, [rollouts[k].start for k in live], policy, **pair.decode_kwargs,
-                      max_new_tokens=max_new_tokens, batch_size=batch_size)
-        continuations = {k: g.tokens for k, g in zip(live, gens, strict=True)}
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        seqs = [list(prompt) + list(reference[:-1]) for (prompt, reference), _ in chunk]
+        states = {name: prefix_states(model, seqs, tok.pad_token_id) if used else [None] * len(seqs)
+                  for name, model, used in (("slm", pair.slm, policy.uses_slm), ("llm", pair.llm, policy.uses_llm))}
+        ks = [k for _, members in chunk for k in members]
+        prefixes = [Prefix(length=len(prompt) + rollouts[k].position, slm=states["slm"][g], llm=states["llm"][g])
+                    for g, ((prompt, _), members) in enumerate(chunk) for k in members]
+        done = decode(pair.slm, pair.llm, [rollouts[k].start for k in ks], policy, **pair.decode_kwargs,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, schedule=schedule or Schedule(),
+                      prefixes=prefixes)
+        continuations.update({k: g.tokens for k, g in zip(ks, done.generations, strict=True)})
+        del states, prefixes
     outcomes, unfinished = [], 0
     for k, r in enumerate(rollouts):
         own = [r.slm_token, *continuations.get(k, [])]
@@ -175,7 +203,7 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
 
 def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
                    policy, max_rollouts: int, max_new_tokens: int, batch_size: int,
-                   case3_labels: str = "rollout") -> tuple[list[TokenLabel], dict[str, int]]:
+                   case3_labels: str = "rollout", schedule=None) -> tuple[list[TokenLabel], dict[str, int]]:
     """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
     case 3 from rollouts under `policy` (or, with `case3_labels="llm"`, the myopic rule: "prefer
     the LLM" without a rollout). Returns the labels and counts: `case3_dropped` (case-3 tokens the
@@ -190,7 +218,7 @@ def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherFor
         rollouts = [Rollout(tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), examples[e].answer,
                             examples[e].labels) for e, i in jobs]
         results, unfinished = run_rollouts(pair, rollouts, task_format=task_format, policy=policy,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, schedule=schedule)
     elif case3_labels != "llm":
         raise CiterError(f"collect.case3_labels must be 'rollout' or 'llm', got {case3_labels!r}")
     outcome = dict(zip(jobs, results, strict=True))

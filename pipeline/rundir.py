@@ -39,7 +39,7 @@ EVAL_JSON, CURVE_PNG, CONVERGENCE_PNG = "eval.json", "curve.png", "convergence.p
 RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "models.device",
                      "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
                      "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
-                     "train.max_failures", "eval.batch_size")
+                     "train.max_failures", "eval.batch_size", "decode")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,15 +8,18 @@ import torch
 from pipeline import CiterError
 from pipeline.config import ModelsConfig
 from pipeline.decoding import (
+    IMMEDIATE,
     ConfidencePolicy,
     LLMOnly,
+    Prefix,
     RandomPolicy,
     RouterPolicy,
+    Schedule,
     SLMOnly,
-    collaborative_decode,
     decode,
     llm_call_ratio,
     reference_decode,
+    speculative_decode,
 )
 from pipeline.demo import make_problem
 from pipeline.models import load_pair
@@ -50,20 +53,27 @@ def test_router_probabilities_spread_around_the_thresholds(pair, router):
     assert p.min() < 0.5 < p.max()  # so threshold 0.5 really mixes the two models
 
 
+SCHEDULES = {"immediate": IMMEDIATE, "half-or-3-steps": Schedule(wait_fraction=0.5, max_wait=3),
+             "all-waiting": Schedule(wait_fraction=1.0, max_wait=10_000)}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("make_policy", [
     lambda r: RouterPolicy(r, 0.0), lambda r: RouterPolicy(r, 0.5), lambda r: RouterPolicy(r, 1.0),
     lambda r: RandomPolicy(0.3, seed=4), lambda r: ConfidencePolicy(0.95), lambda r: SLMOnly(), lambda r: LLMOnly(),
 ], ids=["router@0", "router@0.5", "router@1", "random", "confidence", "slm", "llm"])
-def test_cached_batched_decoder_equals_cache_free_reference(pair, router, make_policy):
+def test_cached_batched_decoder_equals_cache_free_reference(pair, router, make_policy, schedule):
+    """7 prompts through 4 slots: rows end at different steps and hand their slots on."""
     tok = pair.tokenizer
     policy = make_policy(router)
     prompts = prompts_of_mixed_lengths(tok, 7)
     kw = dict(eos_ids=[tok.eos_token_id], max_new_tokens=48)
-    fast = decode(pair.slm, pair.llm, prompts, policy, pad_id=tok.pad_token_id, batch_size=4, **kw)
+    fast = decode(pair.slm, pair.llm, prompts, policy, pad_id=tok.pad_token_id, batch_size=4, schedule=schedule,
+                  **kw).generations
     slow = reference_decode(pair.slm, pair.llm, prompts, policy, **kw)
     for f, s in zip(fast, slow, strict=True):
         assert f.tokens == s.tokens and f.from_llm == s.from_llm
-        assert f.llm_forward_calls == s.llm_forward_calls == f.llm_tokens
+        assert f.slm_passes == s.slm_passes  # one SLM pass per token the SLM decided on, none after the end
     ratio = llm_call_ratio(fast)
     if isinstance(policy, RouterPolicy):
         assert ratio == {0.0: 0.0, 1.0: 1.0}.get(policy.threshold, ratio)
@@ -72,21 +82,58 @@ def test_cached_batched_decoder_equals_cache_free_reference(pair, router, make_p
     assert all(len(g.tokens) <= 48 for g in fast) and any(g.tokens[-1] == tok.eos_token_id for g in fast)
 
 
-def test_rows_that_finish_stop_costing_compute(pair, router):
+def test_one_row_counts_every_token_each_model_reads(pair, router):
+    """Alone in its batch and with the LLM called at once, a row's LLM reads the prompt and every
+    token before its last LLM-written one, once; the SLM reads all but the final token."""
     tok = pair.tokenizer
-    prompts = prompts_of_mixed_lengths(tok, 6)
-    gens = collaborative_decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), eos_ids=[tok.eos_token_id],
-                                pad_id=tok.pad_token_id, max_new_tokens=40)
-    for g in gens:
-        assert g.slm_forward_calls == len(g.tokens)  # one SLM step per produced token, none after the end
-        assert g.llm_forward_calls == g.llm_tokens
-    assert len({len(g.tokens) for g in gens}) > 1
+    for prompt in prompts_of_mixed_lengths(tok, 4):
+        done = decode(pair.slm, pair.llm, [prompt], RouterPolicy(router, 0.5), eos_ids=[tok.eos_token_id],
+                      pad_id=tok.pad_token_id, max_new_tokens=40, schedule=IMMEDIATE)
+        g = done.generations[0]
+        last_llm = max((i for i, x in enumerate(g.from_llm) if x), default=None)
+        expected_llm = 0 if last_llm is None else len(prompt) + last_llm
+        assert g.llm_tokens_processed == expected_llm and g.llm_passes == g.llm_tokens == done.llm_passes
+        assert g.slm_tokens_processed == len(prompt) + len(g.tokens) - 1 and g.slm_passes == len(g.tokens)
+        assert done.llm_positions == expected_llm  # one row: no masked holes
+
+
+def test_batching_llm_calls_across_steps_cuts_llm_passes(pair, router):
+    tok = pair.tokenizer
+    prompts = prompts_of_mixed_lengths(tok, 8, seed=3)
+    kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=40, batch_size=8)
+    at_once = decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), schedule=IMMEDIATE, **kw)
+    batched = decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), schedule=Schedule(1.0, 10_000), **kw)
+    assert [g.tokens for g in at_once.generations] == [g.tokens for g in batched.generations]
+    # At once: at most a pass at every step where some row wants the LLM (none when the LLM has read
+    # that row to the end at an earlier pass); batched: a pass serves all the rows waiting.
+    steps_with_llm = {k for g in at_once.generations for k, x in enumerate(g.from_llm) if x}
+    assert len(steps_with_llm) >= 5 and at_once.llm_passes <= len(steps_with_llm)
+    assert batched.llm_passes < at_once.llm_passes
+    assert batched.llm_passes <= sum(g.llm_tokens for g in batched.generations)
+
+
+def test_a_reused_prefix_gives_the_same_tokens_without_reading_it_again(pair, router):
+    tok = pair.tokenizer
+    prompts = prompts_of_mixed_lengths(tok, 5, seed=5)
+    prefixes = []
+    for p in prompts:
+        n = len(p) - 2  # states for all but the last two tokens, from one plain forward of each model
+        ids = torch.tensor([p[:n]])
+        kv = {name: [(layer.keys, layer.values) for layer in m(input_ids=ids, use_cache=True).cache.layers]
+              for name, m in (("slm", pair.slm), ("llm", pair.llm))}
+        prefixes.append(Prefix(length=n, slm=kv["slm"], llm=kv["llm"]))
+    kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=30, batch_size=3)
+    plain = decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), **kw)
+    reused = decode(pair.slm, pair.llm, prompts, RouterPolicy(router, 0.5), prefixes=prefixes, **kw)
+    assert [g.tokens for g in reused.generations] == [g.tokens for g in plain.generations]
+    assert reused.reused_prefix_tokens == sum(len(p) - 2 for p in prompts)
+    assert plain.slm_tokens_processed - reused.slm_tokens_processed == reused.reused_prefix_tokens
 
 
 def test_max_new_tokens_caps_every_row(pair, router):
     tok = pair.tokenizer
     gens = decode(pair.slm, pair.llm, prompts_of_mixed_lengths(tok, 5), RouterPolicy(router, 0.5),
-                  eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=5)
+                  eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=5).generations
     assert [len(g.tokens) for g in gens] == [5] * 5
 
 
@@ -95,7 +142,7 @@ def test_random_routing_hits_its_target_ratio_on_500_rows(pair, demo_world):
     prompts = [tok(make_problem(random.Random(i), 3)["question"] + "\n", add_special_tokens=False)["input_ids"]
                for i in range(500)]
     gens = decode(pair.slm, pair.llm, prompts, RandomPolicy(0.2, seed=0), eos_ids=[tok.eos_token_id],
-                  pad_id=tok.pad_token_id, max_new_tokens=16, batch_size=125)
+                  pad_id=tok.pad_token_id, max_new_tokens=16, batch_size=125).generations
     assert abs(llm_call_ratio(gens) - 0.2) <= 0.02
 
 
@@ -110,4 +157,19 @@ def test_bad_input_gives_clear_errors(pair, router):
         decode(pair.slm, pair.llm, [[5], []], SLMOnly(), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
                max_new_tokens=4)
     with pytest.raises(CiterError, match="needs both models"):
-        collaborative_decode(pair.slm, None, [[5]], RouterPolicy(router, 0.5), eos_ids=[1], pad_id=0, max_new_tokens=2)
+        decode(pair.slm, None, [[5]], RouterPolicy(router, 0.5), eos_ids=[1], pad_id=0, max_new_tokens=2)
+    with pytest.raises(CiterError, match="llm_wait_fraction must be in"):
+        Schedule(wait_fraction=1.5)
+
+
+def test_speculative_decoding_gives_the_llms_tokens_in_at_most_one_llm_pass_per_token(pair):
+    tok = pair.tokenizer
+    prompts = prompts_of_mixed_lengths(tok, 6, seed=7)
+    kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=40)
+    spec = speculative_decode(pair.slm, pair.llm, prompts, **kw)
+    llm = reference_decode(pair.slm, pair.llm, prompts, LLMOnly(), eos_ids=[tok.eos_token_id], max_new_tokens=40)
+    assert [g.tokens for g in spec.generations] == [g.tokens for g in llm]
+    n = sum(len(g.tokens) for g in llm)
+    # Each LLM pass checks the SLM's draft and keeps at least one token: never more passes than tokens.
+    assert len(prompts) <= spec.llm_passes <= n and spec.slm_passes > 0
+    assert spec.llm_passes == sum(g.llm_passes for g in spec.generations)

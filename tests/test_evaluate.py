@@ -93,8 +93,17 @@ def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, t
     assert methods.count("router") == 3 and methods.count("random") == 3 and methods.count("confidence") == 2
     assert methods.count("query") == 2 and methods.count("slm") == methods.count("llm") == 1
     for p in result["points"]:
-        assert {"method", "threshold", "llm_call_ratio", "llm_forward_calls", "accuracy", "n", "tokens_per_s"} <= set(p)
+        assert {"method", "threshold", "llm_call_ratio", "llm_passes", "llm_tokens_processed", "accuracy", "n",
+                "tokens_per_s"} <= set(p)
         assert 0.0 <= p["llm_call_ratio"] <= 1.0 and p["n"] == 100
+    by = {(p["method"], p["threshold"]): p for p in result["points"]}
+    # What the LLM did: it wrote nothing alone-SLM; alone, it wrote every token and read each once.
+    assert by["slm", None]["llm_passes"] == by["slm", None]["llm_tokens_processed"] == 0
+    llm = by["llm", None]
+    assert llm["llm_passes"] >= max(1, llm["generated_tokens"] // 100) and llm["slm_tokens_processed"] == 0
+    for p in result["points"]:
+        if p["method"] == "router" and p["llm_call_ratio"] > 0:
+            assert 0 < p["llm_passes"] <= round(p["llm_call_ratio"] * p["generated_tokens"])
     router_ratios = [p["llm_call_ratio"] for p in result["points"] if p["method"] == "router"]
     assert router_ratios == sorted(router_ratios) and router_ratios[-1] > 0  # a higher threshold calls the LLM more
     assert set(result["auc"]) == {"router", "random", "confidence", "query"}

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import CiterError
 from pipeline.config import ModelsConfig
-from pipeline.decoding import LLMOnly, RouterPolicy, SLMOnly, decode, reference_decode
+from pipeline.decoding import IMMEDIATE, LLMOnly, RouterPolicy, Schedule, SLMOnly, decode, reference_decode
 from pipeline.models import encode_prompts, load_pair
 from pipeline.rewards import NEEDS_ROLLOUT, teacher_forced
 from pipeline.router import Router, RouterSpec
@@ -71,7 +71,7 @@ def test_decoder_equals_transformers_generate_on_a_padded_chat_batch(pair, promp
     model = getattr(pair, which)
     policy = SLMOnly() if which == "slm" else LLMOnly()
     ours = decode(pair.slm, pair.llm, prompts, policy, **pair.decode_kwargs, max_new_tokens=24, batch_size=3)
-    for prompt, gen in zip(prompts, ours, strict=True):
+    for prompt, gen in zip(prompts, ours.generations, strict=True):
         assert gen.tokens == hf_greedy(model, prompt, pair.eos_ids, 24)
 
 
@@ -84,12 +84,14 @@ def test_collaborative_decoding_equals_the_cache_free_reference(pair, prompts):
     mixed = 0
     for q in (0.3, 0.6):
         policy = RouterPolicy(router, float(probs.quantile(q)))
-        fast = decode(pair.slm, pair.llm, prompts[:2], policy, **pair.decode_kwargs, max_new_tokens=8, batch_size=2)
-        slow = reference_decode(pair.slm, pair.llm, prompts[:2], policy, eos_ids=pair.eos_ids, n_ids=pair.n_ids,
+        slow = reference_decode(pair.slm, pair.llm, prompts[:3], policy, eos_ids=pair.eos_ids, n_ids=pair.n_ids,
                                 max_new_tokens=8)
-        assert [g.tokens for g in fast] == [g.tokens for g in slow]
-        assert [g.from_llm for g in fast] == [g.from_llm for g in slow]
-        calls = [x for g in fast for x in g.from_llm]
+        for schedule in (IMMEDIATE, Schedule(wait_fraction=0.5, max_wait=2), Schedule(wait_fraction=1.0)):
+            fast = decode(pair.slm, pair.llm, prompts[:3], policy, **pair.decode_kwargs, max_new_tokens=8,
+                          batch_size=2, schedule=schedule).generations  # 3 rows through 2 slots
+            assert [g.tokens for g in fast] == [g.tokens for g in slow], schedule
+            assert [g.from_llm for g in fast] == [g.from_llm for g in slow], schedule
+        calls = [x for g in slow for x in g.from_llm]
         mixed += any(calls) and not all(calls)
     assert mixed  # both models wrote tokens of one batch
 
@@ -133,8 +135,8 @@ def test_a_padded_llm_pairs_with_the_unpadded_slm_and_decodes_the_same(pair, smo
     assert padded.llm.config.vocab_size == rows + 128 and padded.slm.config.vocab_size == rows
     logits = padded.llm(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
     assert logits.argmax() >= rows  # without the mask a padding row would be chosen
-    ours = decode(padded.slm, padded.llm, prompts[:2], LLMOnly(), **padded.decode_kwargs, max_new_tokens=12)
-    unpadded = decode(pair.slm, pair.llm, prompts[:2], LLMOnly(), **pair.decode_kwargs, max_new_tokens=12)
+    ours = decode(padded.slm, padded.llm, prompts[:2], LLMOnly(), **padded.decode_kwargs, max_new_tokens=12).generations
+    unpadded = decode(pair.slm, pair.llm, prompts[:2], LLMOnly(), **pair.decode_kwargs, max_new_tokens=12).generations
     assert [g.tokens for g in ours] == [g.tokens for g in unpadded]
 
 
