@@ -176,7 +176,9 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
     continuations: dict[int, list[int]] = {}
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        seqs = [list(prompt) + list(reference[:-1]) for (prompt, reference), _ in chunk]
+        # Up to the furthest position a rollout of the example starts from: no state is computed twice.
+        seqs = [list(prompt) + list(reference[: max(rollouts[k].position for k in members)])
+                for (prompt, reference), members in chunk]
         states = {name: prefix_states(model, seqs, tok.pad_token_id) if used else [None] * len(seqs)
                   for name, model, used in (("slm", pair.slm, policy.uses_slm), ("llm", pair.llm, policy.uses_llm))}
         ks = [k for _, members in chunk for k in members]

@@ -283,8 +283,9 @@ def router_weights(checkpoint_dir: str | Path) -> dict[str, Any]:
     directory = Path(checkpoint_dir)
     if list((directory / TAG).glob("*optim_states.pt")) and list((directory / TAG).glob("zero_pp_rank_*")):
         return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-    # ZeRO stage 0: the module's own state dict, saved by rank 0. Written by this stage, so safe to load.
-    states = torch.load(directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO stage 0: the module's own state dict, saved by rank 0; tensors and plain values only, so
+    # nothing in it is unpickled as code.
+    states = torch.load(directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
