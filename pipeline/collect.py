@@ -139,7 +139,7 @@ class TokenLabeler:
             examples = [Example(**e) for e in json.loads(payload)]
             previous = None
             if self.iteration > 0:
-                previous = pq.read_table(shard_path(collect_dir(self.run, 0), int(shard)))
+                previous = read_shard(shard_path(collect_dir(self.run, 0), int(shard)))
             table, counts = label_shard(self.pair, self.cfg, examples, self.policy, previous)
             table = table.replace_schema_metadata({k: str(v) for k, v in counts.items()})
             target = shard_path(collect_dir(self.run, self.iteration), int(shard))
@@ -154,6 +154,24 @@ class TokenLabeler:
 # The stage
 
 
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One labelled shard; a file that does not read as Parquet is named in the error."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise CiterError(f"{path}: damaged labelled shard ({e}); rerun the collect stage (or `citer train`) "
+                         "to label it again") from None
+
+
+def shard_reads(path: Path) -> bool:
+    """Whether a shard's Parquet footer reads (a killed copy or a truncated file does not)."""
+    try:
+        pq.read_metadata(path)
+        return True
+    except (pa.ArrowException, OSError):
+        return False
+
+
 def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None) -> pa.Table:
     """All complete shards of an iteration's collect stage, as one table sorted by (example, position)."""
     directory = collect_dir(run, iteration)
@@ -162,7 +180,7 @@ def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None)
         raise CiterError(f"{directory}: no labelled shards (run `citer collect` for iteration {iteration} first)")
     if columns is not None:
         columns = ["example_id", "position", *[c for c in columns if c not in ("example_id", "position")]]
-    table = pa.concat_tables([pq.read_table(f, columns=columns).replace_schema_metadata(None) for f in files])
+    table = pa.concat_tables([read_shard(f, columns).replace_schema_metadata(None) for f in files])
     return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
 
 
@@ -192,8 +210,10 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     out_dir = collect_dir(run, iteration)
     done = out_dir / DONE
     if done.is_file():
-        log.info("collect stage of iteration %d is complete (%s); skipping", iteration, done)
-        return json.loads(done.read_text())
+        if all(shard_reads(f) for f in out_dir.glob("part-*.parquet")):
+            log.info("collect stage of iteration %d is complete (%s); skipping", iteration, done)
+            return json.loads(done.read_text())
+        done.unlink()  # a shard was damaged after the stage finished: label it again below
     if iteration > 0 and not (collect_dir(run, 0) / DONE).is_file():
         raise CiterError(f"iteration {iteration} reuses iteration 0's labels, but {collect_dir(run, 0)} "
                          "is not complete")
@@ -208,6 +228,9 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".part-*.tmp"):  # left by a killed writer; never read
         stale.unlink()
+    for damaged in [f for f in sorted(out_dir.glob("part-*.parquet")) if not shard_reads(f)]:
+        log.warning("%s does not read as Parquet; labelling is deterministic, so it is labelled again", damaged)
+        damaged.unlink()
     todo = [k for k in range(len(shards)) if not shard_path(out_dir, k).is_file()]
     log.info("collect iteration %d: %d examples in %d shards, %d to label", iteration, len(examples), len(shards),
              len(todo))

@@ -103,7 +103,11 @@ def load_router(directory: str | Path, expected_input_size: int | None = None,
         )
     router = Router(spec)
     try:
-        router.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
+        raise CiterError(f"{weights}: damaged router weights ({type(e).__name__}: {e})") from None
+    try:
+        router.load_state_dict(state)
     except RuntimeError as e:
         raise CiterError(f"{weights}: weights do not fit the shape in {CONFIG}: {e}") from None
     return SavedRouter(router=router.to(device).eval(), meta=saved.get("meta", {}))

@@ -136,6 +136,19 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
     assert [second[k]["rollout_correct"] for k in redo] == expected
 
 
+def test_a_damaged_shard_is_named_and_relabelled_on_resume(local_ray, demo_world, tmp_path):
+    cfg = config()
+    run = tmp_path / "run"
+    run_collect(cfg, run, 0)
+    before = digest(collect_dir(run, 0))
+    shard = sorted(collect_dir(run, 0).glob("part-*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(CiterError, match=f"{shard}: damaged labelled shard"):
+        read_rows(run, 0)
+    run_collect(cfg, run, 0)  # though the stage was complete, the damaged shard is labelled again, identically
+    assert digest(collect_dir(run, 0)) == before
+
+
 def test_bad_input_is_refused_and_nothing_written_is_damaged(local_ray, demo_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "What is 1+2?", "answer": ""}) + "\n")

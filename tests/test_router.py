@@ -50,3 +50,11 @@ def test_refuses_other_input_size_and_broken_files(tmp_path):
     (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CiterError, match="weights do not fit the shape"):
         load_router(tmp_path / "r")
+
+
+def test_truncated_weights_are_named_in_one_line(tmp_path):
+    save_router(Router(RouterSpec(input_size=32)), tmp_path / "r")
+    weights = tmp_path / "r" / "router.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CiterError, match=f"{weights}: damaged router weights"):
+        load_router(tmp_path / "r")
