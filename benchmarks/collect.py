@@ -46,9 +46,9 @@ def per_token_generate(pair, prompt: list[int], reference: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=16, help="GSM8K training problems")
-    ap.add_argument("--rollouts-per-example", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="per rollout")
+    ap.add_argument("--examples", type=int, default=12, help="GSM8K training problems")
+    ap.add_argument("--rollouts-per-example", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="per rollout")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()

@@ -5,8 +5,8 @@
      passes plus r*T LLM passes over 1/r catch-up tokens each (router decoding with free waiting).
   2. An untrained Llama pair of realistic shape (SLM 256 x 4, LLM 768 x 12), at batch 1, 8 and 32:
      LLM-only vs router decoding at ~20% LLM tokens, with the LLM called at once for any row
-     ("immediate") and batched across steps ("batched": once every active row waits, or a row
-     waited `--max-wait` steps). Decisions are seeded random draws at the target ratio (the router
+     ("immediate") and batched across steps ("batched": once half the active rows wait, or a
+     row waited `--max-wait` steps). Decisions are seeded random draws at the target ratio (the router
      still runs every step, for its cost): an untrained router on an untrained pair makes
      degenerate choices. Tokens/s, LLM passes, tokens the LLM read, speed-up and its ceiling.
   3. The demo pair with its trained router (from `make demo`'s run), and speculative decoding
@@ -30,7 +30,16 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.decoding import IMMEDIATE, LLMOnly, RandomPolicy, RouterPolicy, Schedule, decode, llm_call_ratio
+from pipeline.decoding import (
+    IMMEDIATE,
+    LLMOnly,
+    RandomPolicy,
+    RouterPolicy,
+    Schedule,
+    decode,
+    llm_call_ratio,
+    speculative_decode,
+)
 from pipeline.models import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +79,9 @@ def pass_cost(model, rows: int, tokens: int, cached: int = 64, repeats: int = 5)
     """Seconds for one forward of `rows` x `tokens` new tokens after `cached` cached ones."""
     from transformers import DynamicCache
 
-    ids = torch.randint(2, VOCAB, (rows, cached))
-    new = torch.randint(2, VOCAB, (rows, tokens))
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (rows, cached))
+    new = torch.randint(2, vocab, (rows, tokens))
     costs = []
     for _ in range(repeats):
         cache = DynamicCache()
@@ -82,25 +92,17 @@ def pass_cost(model, rows: int, tokens: int, cached: int = 64, repeats: int = 5)
     return statistics.median(costs)
 
 
-class PassCounter:
-    """Counts a model's forward calls (for transformers' `generate`, which does not report them)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        model.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
-
-
-def speculative(slm, llm, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int, counter: PassCounter):
-    """Assisted generation one prompt at a time; the new tokens of each row (cut at an end id)."""
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        gen = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=slm, do_sample=False,
-                           max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(eos_ids))
-        new = gen[0, len(p):].tolist()
-        cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
-        out.append(new[:cut])
-    return out
+def batch_1(out: list[dict], name: str, slm, llm, prompts, policy, kw: dict) -> None:
+    """LLM-only, router decoding (LLM called at once) and speculative decoding, one prompt at a time."""
+    for label, fn in (("llm-only", lambda: decode(slm, llm, prompts, LLMOnly(), batch_size=1, **kw)),
+                      ("router", lambda: decode(slm, llm, prompts, policy, batch_size=1, schedule=IMMEDIATE, **kw)),
+                      ("speculative", lambda: speculative_decode(slm, llm, prompts, **kw))):
+        seconds, done = timed(fn, 1)
+        out.append({"pair": name, "method": label, "seconds": seconds, "llm_passes": done.llm_passes,
+                    "llm_call_ratio": llm_call_ratio(done.generations),
+                    "tokens": sum(len(g.tokens) for g in done.generations),
+                    "tokens_list": [g.tokens for g in done.generations]})
+    assert out[-1]["tokens_list"] == out[-3]["tokens_list"], "speculative decoding must give the LLM's tokens"
 
 
 def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, eos_ids, pad_id, n_ids, repeats,
@@ -113,7 +115,7 @@ def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, e
         tokens = [g.tokens for g in llm_only.generations]
         n_llm = sum(map(len, tokens))
         results = {"llm-only": (t_llm, llm_only)}
-        batched = Schedule(wait_fraction=1.0, max_wait=max_wait)
+        batched = Schedule(wait_fraction=0.5, max_wait=max_wait)
         for label, schedule in (("immediate", IMMEDIATE), ("batched", batched)):
             results[label] = timed(lambda u=use, k=kw, s=schedule: decode(slm, llm, u, policy, schedule=s, **k),
                                    repeats)
@@ -167,7 +169,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--target-ratio", type=float, default=0.2)
-    ap.add_argument("--max-wait", type=int, default=16)
+    ap.add_argument("--max-wait", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--demo-run", type=Path, default=ROOT / "runs" / "demo", help="a `make demo` run directory")
     ap.add_argument("--demo-threshold", type=float, default=0.9, help="router threshold on the demo pair")
@@ -213,21 +215,9 @@ def main() -> None:
     print_rows(rows)
 
     print("\n3. speculative decoding (assisted generation, the SLM drafts; batch 1) vs LLM-only vs router, batch 1")
-    spec_rows = []
-    few = prompts[:4]
-    counter = PassCounter(llm)
-    for label, fn in (("llm-only", lambda: decode(slm, llm, few, LLMOnly(), eos_ids=[1], pad_id=0,
-                                                   max_new_tokens=args.new_tokens, batch_size=1)),
-                      ("router", lambda: decode(slm, llm, few, ScoredRandomPolicy(router, args.target_ratio),
-                                                eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens, batch_size=1,
-                                                schedule=IMMEDIATE)),
-                      ("speculative", lambda: speculative(slm, llm, few, args.new_tokens, {1}, 0, counter))):
-        counter.calls = 0
-        seconds, out = timed(fn, 1)
-        tokens = out if label == "speculative" else [g.tokens for g in out.generations]
-        spec_rows.append({"pair": "realistic", "method": label, "seconds": seconds, "llm_passes": counter.calls,
-                          "tokens": sum(map(len, tokens)), "tokens_list": tokens})
-    assert spec_rows[2]["tokens_list"] == spec_rows[0]["tokens_list"], "assisted generation must equal the LLM's"
+    spec_rows: list[dict] = []
+    batch_1(spec_rows, "realistic", slm, llm, prompts[:4], ScoredRandomPolicy(router, args.target_ratio),
+            dict(eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens))
 
     demo = demo_pair(args.demo_run)
     if demo is None:
@@ -247,19 +237,8 @@ def main() -> None:
                              max_wait=args.max_wait, costs=costs)
         print_rows(demo_rows)
         rows += demo_rows
-        few = demo_prompts[:16]
-        counter = PassCounter(pair.llm)
-        kw = dict(eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, n_ids=pair.n_ids, max_new_tokens=48, batch_size=1)
-        for label, fn in (("llm-only", lambda: decode(pair.slm, pair.llm, few, LLMOnly(), **kw)),
-                          ("router", lambda: decode(pair.slm, pair.llm, few, policy, schedule=IMMEDIATE, **kw)),
-                          ("speculative", lambda: speculative(pair.slm, pair.llm, few, 48, set(pair.eos_ids),
-                                                              tok.pad_token_id, counter))):
-            counter.calls = 0
-            seconds, out = timed(fn, 1)
-            tokens = out if label == "speculative" else [g.tokens for g in out.generations]
-            spec_rows.append({"pair": "demo", "method": label, "seconds": seconds, "llm_passes": counter.calls,
-                              "tokens": sum(map(len, tokens)), "tokens_list": tokens})
-        assert spec_rows[5]["tokens_list"] == spec_rows[3]["tokens_list"], "assisted generation must equal the LLM's"
+        batch_1(spec_rows, "demo", pair.slm, pair.llm, demo_prompts[:16], policy,
+                dict(eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, max_new_tokens=48))
 
     print(f"\n{'pair':<10}{'method':>12}{'seconds':>9}{'tok/s':>8}{'LLM passes':>11}{'speed-up':>10}")
     for x in spec_rows:

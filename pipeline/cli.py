@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import CiterError, __version__
 from pipeline.config import Config, DemoConfig, load_config
+from pipeline.runlock import RunLock
 
 log = logging.getLogger("citer")
 
@@ -74,7 +75,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from pipeline.rundir import collect_dir
 
     cfg = load_job_config(args.config, args.overrides)
-    summary = run_collect(cfg, args.run, args.iteration)
+    with RunLock(args.run, force=args.force, command="citer collect"):
+        summary = run_collect(cfg, args.run, args.iteration)
     cases = summary["cases"]
     total = max(1, summary["rows"])
     print(f"iteration {summary['iteration']}: {summary['rows']} labelled tokens from {summary['examples']} examples "
@@ -92,7 +94,8 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
     from pipeline.train import fit_router
 
     cfg = load_job_config(args.config, args.overrides)
-    summary = fit_router(cfg, args.run, args.iteration)
+    with RunLock(args.run, force=args.force, command="citer fit-router"):
+        summary = fit_router(cfg, args.run, args.iteration)
     best = summary["best"]
     print(f"iteration {summary['iteration']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}")
@@ -112,7 +115,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_job_config(args.config, args.overrides)
     run = Path(args.run) if args.run else default_run_dir(cfg)
-    result = run_loop(cfg, run)
+    with RunLock(run, force=args.force, command="citer train"):
+        result = run_loop(cfg, run)
     last = cfg.loop.iterations - 1
     print(f"\nfinal curve (iteration {last}) against the baselines:")
     print(format_table(result))
@@ -135,11 +139,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   runtime_env_file=args.runtime_env, secrets=args.forward_secrets)
 
 
+FORCE_HELP = ("take the run's lease even if another process holds it (only when that process is known to be "
+              "dead; otherwise a start waits for its lease to expire)")
+
+
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of a single-stage command: CONFIG --run DIR --iteration N [overrides]."""
     p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
@@ -210,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "command again resumes the run where it stopped.")
     p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
     p.add_argument("--run", help="run directory (default: STORAGE/NAME from the config)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_train)
 

@@ -119,10 +119,12 @@ class DecodeConfig:
     """When collaborative decoding (evaluation and rollouts) runs the LLM. A row the router sends
     to the LLM waits while the other rows go on with the SLM; the LLM runs for the whole batch once
     `llm_wait_fraction` of its active rows wait (0: at once), or once a row has waited
-    `llm_max_wait` SLM steps. Greedy tokens do not depend on these; throughput does."""
+    `llm_max_wait` SLM steps. Greedy tokens do not depend on these; throughput does. Waiting
+    saves LLM passes (what a memory-bound GPU pays for) but costs SLM steps and masked positions
+    (what a compute-bound CPU pays for): on 2 CPU cores calling at once was fastest."""
 
-    llm_wait_fraction: float = _f(1.0, range=(0.0, 1.0))
-    llm_max_wait: int = _f(16, range=(0, None))
+    llm_wait_fraction: float = _f(0.0, range=(0.0, 1.0))
+    llm_max_wait: int = _f(0, range=(0, None))
 
 
 @dataclass(frozen=True, kw_only=True)

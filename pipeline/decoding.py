@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from pipeline import CiterError
 from pipeline.router import Router
@@ -191,11 +191,12 @@ class Schedule:
     """When a batch calls the LLM. A row the router sends to the LLM waits while the other rows
     go on with the SLM; the LLM then runs once for every waiting row, and catches every other
     row up on the tokens it has not read, once `wait_fraction` of the active rows wait, or a row
-    has waited `max_wait` SLM steps, or no row can go on without it. `wait_fraction=0` calls the
-    LLM at once for any waiting row. Greedy tokens do not depend on the schedule; speed does."""
+    has waited `max_wait` SLM steps, or no row can go on without it. The default, `wait_fraction=0`,
+    calls the LLM at once for any waiting row. Greedy tokens do not depend on the schedule; speed
+    does: waiting saves LLM passes but costs SLM steps and masked positions in both models."""
 
-    wait_fraction: float = 1.0
-    max_wait: int = 16
+    wait_fraction: float = 0.0
+    max_wait: int = 0
 
     def __post_init__(self):
         check_threshold(self.wait_fraction, "decode.llm_wait_fraction")
@@ -493,14 +494,15 @@ def speculative_decode(slm: PreTrainedModel, llm: PreTrainedModel, prompts: list
             counts[name][1] += 0 if ids is None else int(ids.numel())
         return hook
 
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=sorted(eos_ids))
     hooks = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in (("slm", slm), ("llm", llm))]
     try:
         for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=True if desc is None else None, leave=False)):
             before = {n: list(c) for n, c in counts.items()}
             ids = torch.tensor([prompt], device=llm.device)
             new = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=slm,
-                               do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                               eos_token_id=sorted(eos_ids))[0, len(prompt):].tolist()
+                               generation_config=config)[0, len(prompt):].tolist()
             end = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
             g = out.generations[i]
             g.tokens, g.from_llm = new[:end], [True] * end

@@ -34,6 +34,7 @@ from pipeline.rundir import (
     router_dir,
     update_run_record,
 )
+from pipeline.runlock import read_lock
 from pipeline.tracking import Tracker, read_metrics_records
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,10 @@ def run_status(run: str | Path) -> str:
         lines.append("  finished")
     elif progress:
         lines.append(f"  last started: iteration {progress['iteration']}, {progress['stage']}")
+    lease = read_lock(run)
+    if lease and lease.get("expires", 0) > time.time():
+        lines.append(f"  running now: {lease.get('command')} on {lease.get('host')} (pid {lease.get('pid')}), lease "
+                     f"renewed {time.time() - lease.get('renewed', 0):.0f} s ago")
     started = progress.get("iteration", 0) + (progress.get("stage") != "done")
     for k in range(max(iterations, started)):
         it = iteration_dir(run, k)
