@@ -28,8 +28,9 @@ def start(run: Path) -> subprocess.Popen:
     env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
     log = run.parent / f"start-{len(list(run.parent.glob('start-*.log')))}.log"
     with log.open("w") as out:
+        # --force: the test killed the previous holder of the run's lease itself.
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
-                                 *SMALL], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 "--force", *SMALL], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     proc.log = log  # type: ignore[attr-defined]
     return proc
@@ -77,8 +78,8 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
     assert (it / "router").is_dir() and not (it / "eval.json").exists()
 
     env = dict(os.environ, WANDB_API_KEY=SECRET, WANDB_MODE="offline")
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run), *SMALL],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
+                           "--force", *SMALL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "final curve" in done.stdout and str(it / "curve.png") in done.stdout
 
