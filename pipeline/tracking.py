@@ -10,15 +10,19 @@ import json
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
+from pipeline import CiterError
 from pipeline.config import Config
 from pipeline.convergence import plot_convergence
 from pipeline.io import atomic_write_text
 from pipeline.rundir import CONVERGENCE_PNG, METRICS, read_run_record, update_run_record
 
 log = logging.getLogger(__name__)
+
+IN_USE_RETRIES, IN_USE_WAIT_S = 45, 2.0  # how long a start waits for a killed start's W&B process to let go
 
 
 def tracking_settings(cfg: Config) -> dict[str, Any]:
@@ -46,9 +50,25 @@ class Tracker:
         update_run_record(run, wandb={"id": run_id, **settings})
         (run / "wandb").mkdir(exist_ok=True)
         self.wandb = wandb
-        self.run = wandb.init(id=run_id, resume="allow", dir=str(run), name=cfg.name, config=cfg.to_dict(),
-                              project=settings["project"], entity=settings["entity"], group=settings["group"],
-                              mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
+        kwargs = dict(id=run_id, resume="allow", dir=str(run), name=cfg.name, config=cfg.to_dict(),
+                      project=settings["project"], entity=settings["entity"], group=settings["group"],
+                      mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
+        for attempt in range(IN_USE_RETRIES + 1):
+            try:
+                self.run = wandb.init(**kwargs)
+                break
+            except Exception as e:  # wandb raises its own ServerResponseError
+                # A killed driver's wandb-core outlives it for a while and still holds the run id.
+                if "is in use" not in str(e):
+                    raise
+                if attempt == IN_USE_RETRIES:
+                    raise CiterError(f"W&B run {run_id} is still held by another process after "
+                                     f"{IN_USE_RETRIES * IN_USE_WAIT_S:.0f} s (a previous start's wandb-core?); "
+                                     "stop it and start again") from None
+                if attempt == 0:
+                    log.info("W&B run %s is still held by a previous process (a killed start's wandb-core); "
+                             "waiting for it to let go", run_id)
+                time.sleep(IN_USE_WAIT_S)
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
         log.info("W&B run %s (project %s, mode %s) in %s", run_id, settings["project"], settings["mode"],
