@@ -25,6 +25,37 @@ log = logging.getLogger(__name__)
 IN_USE_RETRIES, IN_USE_WAIT_S = 45, 2.0  # how long a start waits for a killed start's W&B process to let go
 
 
+def stop_orphaned_wandb_core() -> list[int]:
+    """Terminate this machine's `wandb-core` processes whose driver (`--pid`) is dead: a killed
+    start leaves one behind, in its own session, and it keeps holding the run id. Returns their pids."""
+    import signal
+
+    stopped = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(b"wandb-core") or b"--pid" not in args:
+            continue
+        try:
+            driver = int(args[args.index(b"--pid") + 1])
+            os.kill(driver, 0)
+            continue  # its driver is alive: not ours to stop
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, PermissionError):
+            continue
+        try:
+            os.kill(int(entry.name), signal.SIGTERM)
+            stopped.append(int(entry.name))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return stopped
+
+
 def tracking_settings(cfg: Config) -> dict[str, Any]:
     """Project, entity, group and mode: the config's, else the usual WANDB_* variables; offline by default."""
     t = cfg.tracking
@@ -65,9 +96,10 @@ class Tracker:
                     raise CiterError(f"W&B run {run_id} is still held by another process after "
                                      f"{IN_USE_RETRIES * IN_USE_WAIT_S:.0f} s (a previous start's wandb-core?); "
                                      "stop it and start again") from None
+                stopped = stop_orphaned_wandb_core()
                 if attempt == 0:
                     log.info("W&B run %s is still held by a previous process (a killed start's wandb-core); "
-                             "waiting for it to let go", run_id)
+                             "%s", run_id, f"stopped orphaned wandb-core {stopped}" if stopped else "waiting")
                 time.sleep(IN_USE_WAIT_S)
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")

@@ -195,3 +195,29 @@ def test_convergence_evidence_counts_flips_and_router_agreement(tmp_path):
     val = np.array([is_validation(i, cfg.seed, cfg.train.val_fraction) for i in ids])
     keep0 = r0.prob(torch.from_numpy(hidden[val].astype(np.float32))).numpy() >= 0.5
     assert router_agreement(cfg, run, 1) == pytest.approx(keep0.mean()) and 0 < keep0.mean() < 1
+
+
+def test_an_orphaned_wandb_core_is_stopped_and_a_live_drivers_is_not(tmp_path):
+    from pipeline.tracking import stop_orphaned_wandb_core
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a driver pid that no longer runs
+
+    def fake_core(driver: int) -> subprocess.Popen:
+        code = "import time; time.sleep(60)"
+        return subprocess.Popen(["bash", "-c", f"exec -a {tmp_path}/wandb-core {sys.executable} -c '{code}' "
+                                               f"--pid {driver}"])
+
+    orphan, owned = fake_core(gone.pid), fake_core(os.getpid())
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and not all(
+                b"wandb-core" in Path(f"/proc/{p.pid}/cmdline").read_bytes() for p in (orphan, owned)):
+            time.sleep(0.05)
+        stopped = stop_orphaned_wandb_core()
+        assert orphan.pid in stopped and owned.pid not in stopped
+        assert orphan.wait(timeout=10) != 0 and owned.poll() is None
+    finally:
+        for p in (orphan, owned):
+            p.kill()
+            p.wait()
