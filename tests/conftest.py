@@ -57,15 +57,18 @@ def local_ray():
 
 
 def kill_session(pid: int) -> None:
-    """SIGKILL every process in the session led by `pid` (a driver and the Ray it started)."""
+    """SIGKILL every process a driver started: its session (the driver and the Ray it started)
+    and the `wandb-core` it started in a session of its own (`--pid <driver>`)."""
     import signal
 
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == pid:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+                core = b"--pid" in args and args[args.index(b"--pid") + 1:][:1] == [str(pid).encode()]
+                if os.getsid(int(entry.name)) == pid or core:
                     os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, OSError):
                 pass
 
 
