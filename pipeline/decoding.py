@@ -369,8 +369,6 @@ def decode(slm: PreTrainedModel | None, llm: PreTrainedModel | None, prompts: li
         raise CiterError(f"the {policy.name} policy needs both models")
     if prefixes is not None and len(prefixes) != len(prompts):
         raise CiterError(f"{len(prefixes)} prefixes given for {len(prompts)} prompts")
-    if policy.uses_slm and not policy.uses_llm:
-        schedule = IMMEDIATE  # never called
     eos_ids = _as_set(eos_ids)
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # pop() takes the shortest
     n_slots = min(batch_size, len(prompts))

@@ -25,32 +25,38 @@ log = logging.getLogger(__name__)
 IN_USE_RETRIES, IN_USE_WAIT_S = 45, 2.0  # how long a start waits for a killed start's W&B process to let go
 
 
-def stop_orphaned_wandb_core() -> list[int]:
-    """Terminate this machine's `wandb-core` processes whose driver (`--pid`) is dead: a killed
-    start leaves one behind, in its own session, and it keeps holding the run id. Returns their pids."""
-    import signal
-
-    stopped = []
+def wandb_cores() -> dict[int, int]:
+    """This machine's `wandb-core` processes, each with the pid of the driver it serves (`--pid`)."""
+    cores = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            if args[0].endswith(b"wandb-core") and b"--pid" in args:
+                cores[int(entry.name)] = int(args[args.index(b"--pid") + 1])
+        except (OSError, ValueError, IndexError):
             continue
-        if not args or not args[0].endswith(b"wandb-core") or b"--pid" not in args:
-            continue
+    return cores
+
+
+def stop_orphaned_wandb_core() -> list[int]:
+    """Terminate the `wandb-core` processes whose driver is dead: a killed start leaves one
+    behind, in its own session, and it keeps holding the run id. Returns their pids."""
+    import signal
+
+    stopped = []
+    for core, driver in wandb_cores().items():
         try:
-            driver = int(args[args.index(b"--pid") + 1])
             os.kill(driver, 0)
             continue  # its driver is alive: not ours to stop
         except ProcessLookupError:
             pass
-        except (ValueError, IndexError, PermissionError):
+        except PermissionError:
             continue
         try:
-            os.kill(int(entry.name), signal.SIGTERM)
-            stopped.append(int(entry.name))
+            os.kill(core, signal.SIGTERM)
+            stopped.append(core)
         except (ProcessLookupError, PermissionError):
             pass
     return stopped

@@ -61,14 +61,15 @@ def kill_session(pid: int) -> None:
     and the `wandb-core` it started in a session of its own (`--pid <driver>`)."""
     import signal
 
+    from pipeline.tracking import wandb_cores
+
+    cores = [core for core, driver in wandb_cores().items() if driver == pid]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-                core = b"--pid" in args and args[args.index(b"--pid") + 1:][:1] == [str(pid).encode()]
-                if os.getsid(int(entry.name)) == pid or core:
+                if os.getsid(int(entry.name)) == pid or int(entry.name) in cores:
                     os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, OSError):
+            except (ProcessLookupError, PermissionError):
                 pass
 
 
