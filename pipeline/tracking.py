@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,46 +20,6 @@ from pipeline.io import atomic_write_text
 from pipeline.rundir import CONVERGENCE_PNG, METRICS, read_run_record, update_run_record
 
 log = logging.getLogger(__name__)
-
-IN_USE_RETRIES, IN_USE_WAIT_S = 45, 2.0  # how long a start waits for a killed start's W&B process to let go
-
-
-def wandb_cores() -> dict[int, int]:
-    """This machine's `wandb-core` processes, each with the pid of the driver it serves (`--pid`)."""
-    cores = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            if args[0].endswith(b"wandb-core") and b"--pid" in args:
-                cores[int(entry.name)] = int(args[args.index(b"--pid") + 1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return cores
-
-
-def stop_orphaned_wandb_core() -> list[int]:
-    """Terminate the `wandb-core` processes whose driver is dead: a killed start leaves one
-    behind, in its own session, and it keeps holding the run id. Returns their pids."""
-    import signal
-
-    stopped = []
-    for core, driver in wandb_cores().items():
-        try:
-            os.kill(driver, 0)
-            continue  # its driver is alive: not ours to stop
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            os.kill(core, signal.SIGTERM)
-            stopped.append(core)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return stopped
-
 
 def tracking_settings(cfg: Config) -> dict[str, Any]:
     """Project, entity, group and mode: the config's, else the usual WANDB_* variables; offline by default."""
@@ -90,23 +49,17 @@ class Tracker:
         kwargs = dict(id=run_id, resume="allow", dir=str(run), name=cfg.name, config=cfg.to_dict(),
                       project=settings["project"], entity=settings["entity"], group=settings["group"],
                       mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
-        for attempt in range(IN_USE_RETRIES + 1):
-            try:
-                self.run = wandb.init(**kwargs)
-                break
-            except Exception as e:  # wandb raises its own ServerResponseError
-                # A killed driver's wandb-core outlives it for a while and still holds the run id.
-                if "is in use" not in str(e):
-                    raise
-                if attempt == IN_USE_RETRIES:
-                    raise CiterError(f"W&B run {run_id} is still held by another process after "
-                                     f"{IN_USE_RETRIES * IN_USE_WAIT_S:.0f} s (a previous start's wandb-core?); "
-                                     "stop it and start again") from None
-                stopped = stop_orphaned_wandb_core()
-                if attempt == 0:
-                    log.info("W&B run %s is still held by a previous process (a killed start's wandb-core); "
-                             "%s", run_id, f"stopped orphaned wandb-core {stopped}" if stopped else "waiting")
-                time.sleep(IN_USE_WAIT_S)
+        try:
+            self.run = wandb.init(**kwargs)
+        except Exception as e:  # wandb raises its own error types
+            if "is in use" not in str(e):
+                raise
+            # One wandb-core serves every process that inherits its WANDB_SERVICE; a start killed while
+            # connected to a shared one leaves its run open there until that service stops.
+            where = ("the wandb-core service WANDB_SERVICE names, probably by a killed start that shared it; "
+                     "unset WANDB_SERVICE or stop that service" if os.environ.get("WANDB_SERVICE")
+                     else "this process's wandb-core; stop the other writer")
+            raise CiterError(f"W&B run {run_id} is still held open by {where}, then start again") from None
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
         log.info("W&B run %s (project %s, mode %s) in %s", run_id, settings["project"], settings["mode"],

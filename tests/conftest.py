@@ -34,10 +34,17 @@ def demo_world() -> Path:
     return ROOT / cfg.demo.out
 
 
+def citer_env(**extra: str) -> dict[str, str]:
+    """The environment a user's `citer` starts with: this one, less the W&B service address that an
+    in-process W&B run of an earlier test left in it (a child would share that service otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, **extra}
+
+
 def run_citer(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, capturing its output."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=citer_env(),
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +65,17 @@ def local_ray():
 
 def kill_session(pid: int) -> None:
     """SIGKILL every process a driver started: its session (the driver and the Ray it started)
-    and the `wandb-core` it started in a session of its own (`--pid <driver>`)."""
+    and the `wandb-core` it started in a session of its own (`--pid <driver>` on its command line)."""
     import signal
 
-    from pipeline.tracking import wandb_cores
-
-    cores = [core for core, driver in wandb_cores().items() if driver == pid]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == pid or int(entry.name) in cores:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+                core = args[0].endswith(b"wandb-core") and args[args.index(b"--pid") + 1] == str(pid).encode()
+                if core or os.getsid(int(entry.name)) == pid:
                     os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+            except (OSError, ValueError, IndexError):
                 pass
 
 

@@ -14,7 +14,7 @@ from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.loop import run_status
 from pipeline.rundir import DONE, check_run_config, collect_dir, iteration_dir
-from tests.conftest import DEMO_CONFIG, ROOT, digest, kill_session, run_citer
+from tests.conftest import DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
 
 SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
          "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=60", "eval.thresholds=[0.5,0.9]",
@@ -25,7 +25,7 @@ SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B API key that m
 
 def start(run: Path) -> subprocess.Popen:
     """Start `citer train` in its own session, its output kept in a log next to the run."""
-    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
+    env = citer_env(CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
     log = run.parent / f"start-{len(list(run.parent.glob('start-*.log')))}.log"
     with log.open("w") as out:
         # --force: the test killed the previous holder of the run's lease itself.
@@ -77,7 +77,7 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
     kill_when(proc, lambda: progress(run).get("stage") == "eval" and time.sleep(1.0) is None, "evaluating")
     assert (it / "router").is_dir() and not (it / "eval.json").exists()
 
-    env = dict(os.environ, WANDB_API_KEY=SECRET, WANDB_MODE="offline")
+    env = citer_env(WANDB_API_KEY=SECRET, WANDB_MODE="offline")
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
                            "--force", *SMALL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
@@ -197,27 +197,25 @@ def test_convergence_evidence_counts_flips_and_router_agreement(tmp_path):
     assert router_agreement(cfg, run, 1) == pytest.approx(keep0.mean()) and 0 < keep0.mean() < 1
 
 
-def test_an_orphaned_wandb_core_is_stopped_and_a_live_drivers_is_not(tmp_path):
-    from pipeline.tracking import stop_orphaned_wandb_core
+def test_a_run_left_open_in_a_shared_wandb_service_is_a_clear_error(tmp_path):
+    """A start killed while it shared a wandb-core service (WANDB_SERVICE) leaves its run open there;
+    the next start through that service is told so, instead of wandb's bare "run ID is in use"."""
+    import wandb
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a driver pid that no longer runs
+    from pipeline.tracking import Tracker
 
-    def fake_core(driver: int) -> subprocess.Popen:
-        code = "import time; time.sleep(60)"
-        return subprocess.Popen(["bash", "-c", f"exec -a {tmp_path}/wandb-core {sys.executable} -c '{code}' "
-                                               f"--pid {driver}"])
-
-    orphan, owned = fake_core(gone.pid), fake_core(os.getpid())
-    try:
-        deadline = time.time() + 10
-        while time.time() < deadline and not all(
-                b"wandb-core" in Path(f"/proc/{p.pid}/cmdline").read_bytes() for p in (orphan, owned)):
-            time.sleep(0.05)
-        stopped = stop_orphaned_wandb_core()
-        assert orphan.pid in stopped and owned.pid not in stopped
-        assert orphan.wait(timeout=10) != 0 and owned.poll() is None
-    finally:
-        for p in (orphan, owned):
-            p.kill()
-            p.wait()
+    cfg = load_config(DEMO_CONFIG)
+    run = tmp_path / "run"
+    run.mkdir()
+    own = wandb.init(dir=str(tmp_path), mode="offline", settings=wandb.Settings(console="off", silent=True))
+    own.finish()  # this process now has a wandb-core service and names it in WANDB_SERVICE
+    assert os.environ.get("WANDB_SERVICE")
+    start_and_die = (f"import os, pathlib; from pipeline.config import load_config; "
+                     f"from pipeline.rundir import check_run_config; from pipeline.tracking import Tracker; "
+                     f"cfg, run = load_config({str(DEMO_CONFIG)!r}), pathlib.Path({str(run)!r}); "
+                     f"check_run_config(cfg, run); Tracker(cfg, run); os.kill(os.getpid(), 9)")
+    killed = subprocess.run([sys.executable, "-c", start_and_die], cwd=ROOT, env=dict(os.environ, WANDB_MODE="offline"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    with pytest.raises(CiterError, match="still held open by the wandb-core service WANDB_SERVICE names"):
+        Tracker(cfg, run)

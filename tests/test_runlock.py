@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import CiterError
 from pipeline.runlock import LOCK, RunLock, read_lock
-from tests.conftest import DEMO_CONFIG, ROOT, kill_session
+from tests.conftest import DEMO_CONFIG, ROOT, citer_env, kill_session
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(tmp_path, monkeypatch):
@@ -53,8 +53,7 @@ def test_the_heartbeat_renews_the_lease(tmp_path, monkeypatch):
 def test_two_concurrent_citer_train_starts_one_is_refused(tmp_path, demo_world):
     """Two real drivers on one run: the second exits with the holder named; the first goes on."""
     run = tmp_path / "run"
-    env = dict(os.environ, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_MODE="offline",
-               CITER_LEASE_SECONDS="20")
+    env = citer_env(CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_MODE="offline", CITER_LEASE_SECONDS="20")
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
            "collect.n_examples=32", "loop.iterations=1"]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
