@@ -7,17 +7,17 @@ step writes `a+b+carry=sum:partial`, and the solution ends in `#### <sum>`:
     2+5+0=7:7 7+8+0=15:57 4+3+1=8:857 #### 857
 
 A step may also write its two digits the other way round (`5+2+0=7:7`): a harmless choice. The
-models train on a quarter of steps swapped, so they read both orders but write the canonical one;
-the references of train.jsonl, which the router is labelled on, swap most steps, the way gold
-solutions are written in a style of their own. Where a reference swaps, neither model predicts its
-digit (case 3 of the labels), yet the SLM's canonical digit leads to the right answer if the rest is
-written well: likely when the LLM writes it, not when the SLM does. So the rollout label there
-depends on the policy that finishes the answer, and iterations of router training change labels.
+models train on canonical steps only, so both write the canonical order; the references of
+train.jsonl, which the router is labelled on, swap most steps, the way gold solutions are written in
+a style of their own. Where a reference swaps, neither model predicts either of the step's two
+digits (case 3 of the labels), yet the SLM's digit leads to the right answer if the rest is written
+well: likely when the LLM writes it, not when the SLM does. So the rollout label there depends on the
+policy that finishes the answer, and iterations of router training change labels.
 
 Both models are `LlamaForCausalLM` with a character-level tokenizer, saved with
 `save_pretrained`, so they load through the same code as a hub model. The LLM (4 layers, width
 128) learns the task; the SLM (2 layers, width 48, >10x fewer FLOPs per token) is stopped early,
-near `SLM_TARGET_ACCURACY`, so it is clearly worse, with its errors on the sum and carry digits:
+near `SLM_TARGET_ACCURACY`, so it is clearly worse, with its errors on the digits of the steps:
 the tokens a router should send to the LLM. Its training data also has a blind spot (see
 `make_problem`) that makes it confidently wrong.
 """
@@ -54,15 +54,17 @@ LLM_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
 SLM_TARGET_ACCURACY = 0.35  # stop the SLM near here: inside the 20-70% band, with margin both ways
 LLM_TARGET_ACCURACY = 0.98  # stop the LLM once it has mastered the task
 LR = 3e-3
-# Shares of steps whose two digits are swapped. The models train on mostly canonical steps, so both write the
-# canonical order; the LLM sees enough swaps to read them, while more would blur the SLM's first digit (measured:
-# at 0.25, a quarter of its case-3 digits were wrong ones). train.jsonl's references, what the router is labelled
-# on, swap most steps: there neither model predicts the reference's digit, yet the SLM's canonical one leads to the
-# right answer when the rest is written well (case 3).
-LLM_SWAP_RATE = 0.25
-SLM_SWAP_RATE = 0.1
+# Shares of steps whose two digits are swapped. The models never see a swapped step: at decode time they only read
+# their own canonical ones. A model that learnt to read swaps (v2: the LLM on 25% of steps, the SLM on 10%) makes the
+# second digit of a reference's swapped step a case-2 token ("LLM needed") at a state that never occurs when decoding:
+# measured, 60% of v2's case-2 labels, which taught the router to send canonical second digits to the LLM (on the
+# eval set's canonical states it told the SLM's errors from its right tokens with ROC AUC 0.77 there, confidence
+# 0.975) and made it lose to confidence routing. Reading neither order, both models miss both digits of a swapped
+# step, so those are rollout-labelled (case 3). train.jsonl's references swap most steps.
+LLM_SWAP_RATE = 0.0
+SLM_SWAP_RATE = 0.0
 REFERENCE_SWAP_RATE = 0.8
-BUILDER_VERSION = 2  # bump when a build would differ, so cached worlds from older code are rebuilt
+BUILDER_VERSION = 3  # bump when a build would differ, so cached worlds from older code are rebuilt
 
 
 def demo_task_config(out: str | Path) -> TaskConfig:
