@@ -6,18 +6,19 @@ step writes `a+b+carry=sum:partial`, and the solution ends in `#### <sum>`:
     What is 472+385?
     2+5+0=7:7 7+8+0=15:57 4+3+1=8:857 #### 857
 
-A step may also write its two digits the other way round (`5+2+0=7:7`): a harmless choice. The
-models train on a quarter of steps swapped, so they read both orders but write the canonical one;
-the references of train.jsonl, which the router is labelled on, swap most steps, the way gold
-solutions are written in a style of their own. Where a reference swaps, neither model predicts its
-digit (case 3 of the labels), yet the SLM's canonical digit leads to the right answer if the rest is
-written well: likely when the LLM writes it, not when the SLM does. So the rollout label there
-depends on the policy that finishes the answer, and iterations of router training change labels.
+Steps are separated by one space, or by two: a harmless choice, since the next step is the same
+either way. The models see two spaces at a twentieth of step boundaries, so they can read them but
+greedily write one; the references of train.jsonl, which the router is labelled on, write two at
+most boundaries, the way gold solutions are written in a style of their own. At a reference's second
+space both models predict the next step's first digit (case 3 of the labels), and the rollout from
+the SLM's digit there goes on from a state either model writes itself: it reaches the right answer
+likely when the LLM writes the rest, not when the SLM does. So the rollout label there depends on the
+policy that finishes the answer, and iterations of router training change labels.
 
 Both models are `LlamaForCausalLM` with a character-level tokenizer, saved with
 `save_pretrained`, so they load through the same code as a hub model. The LLM (4 layers, width
 128) learns the task; the SLM (2 layers, width 48, >10x fewer FLOPs per token) is stopped early,
-near `SLM_TARGET_ACCURACY`, so it is clearly worse, with its errors on the sum and carry digits:
+near `SLM_TARGET_ACCURACY`, so it is clearly worse, with its errors on the digits of the steps:
 the tokens a router should send to the LLM. Its training data also has a blind spot (see
 `make_problem`) that makes it confidently wrong.
 """
@@ -54,15 +55,17 @@ LLM_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
 SLM_TARGET_ACCURACY = 0.35  # stop the SLM near here: inside the 20-70% band, with margin both ways
 LLM_TARGET_ACCURACY = 0.98  # stop the LLM once it has mastered the task
 LR = 3e-3
-# Shares of steps whose two digits are swapped. The models train on mostly canonical steps, so both write the
-# canonical order; the LLM sees enough swaps to read them, while more would blur the SLM's first digit (measured:
-# at 0.25, a quarter of its case-3 digits were wrong ones). train.jsonl's references, what the router is labelled
-# on, swap most steps: there neither model predicts the reference's digit, yet the SLM's canonical one leads to the
-# right answer when the rest is written well (case 3).
-LLM_SWAP_RATE = 0.25
-SLM_SWAP_RATE = 0.1
-REFERENCE_SWAP_RATE = 0.8
-BUILDER_VERSION = 2  # bump when a build would differ, so cached worlds from older code are rebuilt
+# Shares of step boundaries written with two spaces instead of one. v2 and v3 swapped a step's two digits instead
+# (`8+7+0=15` for `7+8+0=15`): after a reference's swapped first digit, the second digit's position is a state
+# that never occurs when decoding; there the SLM repeats the first digit, and rollouts from it are wrong under
+# either model, so they were labelled "LLM needed" in every iteration and taught the router a wrong rule (v3: its
+# ROC AUC 0.9479, confidence's 0.9485). After a second space the next token is the same as after one, so the SLM's
+# digit there starts a rollout from a state the models write themselves. The models read two spaces on a twentieth of
+# boundaries, so both still write one.
+LLM_SPACE_RATE = 0.05
+SLM_SPACE_RATE = 0.05
+REFERENCE_SPACE_RATE = 0.8
+BUILDER_VERSION = 4  # bump when a build would differ, so cached worlds from older code are rebuilt
 
 
 def demo_task_config(out: str | Path) -> TaskConfig:
@@ -72,16 +75,16 @@ def demo_task_config(out: str | Path) -> TaskConfig:
                       eval_path=str(out / "data" / "eval.jsonl"), prompt_template=PROMPT_TEMPLATE)
 
 
-def make_problem(rng: random.Random, digits: int, blind_spot: bool = False, swap: float = 0.0) -> dict:
+def make_problem(rng: random.Random, digits: int, blind_spot: bool = False, space: float = 0.0) -> dict:
     """One addition problem as a GSM8K-format row: {"question", "answer"}.
 
     With `blind_spot`, the worked solution forgets the carry after a column whose two digits sum
     to 15 or more, and its answer follows from that: the SLM's training data, which makes it
     confidently wrong on identifiable tokens (the next column's carry).
 
-    With `swap` > 0, each step whose two digits differ writes them in the other order with that
-    probability (`8+7+0=15` for `7+8+0=15`): a harmless choice. It draws from `rng` only then, so
-    `swap=0` gives the same rows as before it existed."""
+    With `space` > 0, each boundary between two steps is written with two spaces instead of one with
+    that probability (`7+8+0=15:57  4+3+1=8:857`): a harmless choice. It draws from `rng` only then,
+    so `space=0` gives the same rows as before it existed."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     carry, partial, steps = 0, "", []
@@ -89,18 +92,18 @@ def make_problem(rng: random.Random, digits: int, blind_spot: bool = False, swap
     for i, (x, y) in enumerate(zip(da, db, strict=True)):
         s = int(x) + int(y) + carry
         partial = (str(s) if i == len(da) - 1 else str(s % 10)) + partial
-        first, second = (y, x) if swap > 0 and x != y and rng.random() < swap else (x, y)
-        steps.append(f"{first}+{second}+{carry}={s}:{partial}")
+        gap = "  " if i > 0 and space > 0 and rng.random() < space else " "
+        steps.append((gap if i > 0 else "") + f"{x}+{y}+{carry}={s}:{partial}")
         carry = 0 if blind_spot and int(x) + int(y) >= 15 else s // 10
-    return {"question": f"What is {a}+{b}?", "answer": " ".join(steps) + f" #### {int(partial)}"}
+    return {"question": f"What is {a}+{b}?", "answer": "".join(steps) + f" #### {int(partial)}"}
 
 
-def training_rows(rng: random.Random, digits: int, n: int, exclude: set[str], *, swap: float,
+def training_rows(rng: random.Random, digits: int, n: int, exclude: set[str], *, space: float,
                   blind_spot: bool = False) -> list[dict]:
     """`n` fresh problems for a model's training, none whose question is in `exclude`."""
     rows = []
     while len(rows) < n:
-        row = make_problem(rng, digits, blind_spot, swap=swap)
+        row = make_problem(rng, digits, blind_spot, space=space)
         if row["question"] not in exclude:
             rows.append(row)
     return rows
@@ -241,10 +244,10 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     rng = random.Random(cfg.seed)
     task = demo_task_config(out)
 
-    def unique_problems(n: int, seen: set, swap: float = 0.0) -> list[dict]:
+    def unique_problems(n: int, seen: set, space: float = 0.0) -> list[dict]:
         rows = []
         while len(rows) < n:
-            row = make_problem(rng, cfg.digits, swap=swap)
+            row = make_problem(rng, cfg.digits, space=space)
             if row["question"] not in seen:
                 seen.add(row["question"])
                 rows.append(row)
@@ -253,24 +256,24 @@ def build_demo_world(cfg: DemoConfig) -> dict:
     taken: set[str] = set()
     eval_rows = unique_problems(cfg.n_eval, taken)
     val_rows = unique_problems(200, taken)  # for the SLM's early stop; not in any saved split
-    train_rows = unique_problems(cfg.n_train, taken, swap=REFERENCE_SWAP_RATE)
+    train_rows = unique_problems(cfg.n_train, taken, space=REFERENCE_SPACE_RATE)
     held_out = {r["question"] for r in eval_rows} | {r["question"] for r in val_rows}
     to_ex = lambda rows, split: [row_to_example(task, r, i, "demo", split) for i, r in enumerate(rows)]  # noqa: E731
     eval_ex, val_ex = to_ex(eval_rows, "eval"), to_ex(val_rows, "val")
     train_rng = random.Random(cfg.seed + 1)
 
-    def sampler(swap: float, blind_spot: bool = False) -> Callable[[int], list[Example]]:
-        return lambda n: to_ex(training_rows(train_rng, cfg.digits, n, held_out, swap=swap, blind_spot=blind_spot),
+    def sampler(space: float, blind_spot: bool = False) -> Callable[[int], list[Example]]:
+        return lambda n: to_ex(training_rows(train_rng, cfg.digits, n, held_out, space=space, blind_spot=blind_spot),
                                "train")
 
     tok = build_tokenizer()
     log.info("building the demo world in %s (seed %d)", out, cfg.seed)
     llm = new_model(LLM_SHAPE, tok, cfg.seed)
     validate = lambda m: accuracy(m, tok, val_ex)  # noqa: E731
-    llm_info = train_model(llm, tok, sampler(LLM_SWAP_RATE), cfg.llm_steps, cfg.batch_size, "LLM",
+    llm_info = train_model(llm, tok, sampler(LLM_SPACE_RATE), cfg.llm_steps, cfg.batch_size, "LLM",
                            validate=validate, target=LLM_TARGET_ACCURACY, check_every=50)
     slm = new_model(SLM_SHAPE, tok, cfg.seed)
-    slm_info = train_model(slm, tok, sampler(SLM_SWAP_RATE, blind_spot=True), cfg.slm_steps, cfg.batch_size, "SLM",
+    slm_info = train_model(slm, tok, sampler(SLM_SPACE_RATE, blind_spot=True), cfg.slm_steps, cfg.batch_size, "SLM",
                            validate=validate, target=SLM_TARGET_ACCURACY, check_every=5, nearest=True)
     world = {
         "builder_version": BUILDER_VERSION,
@@ -278,11 +281,11 @@ def build_demo_world(cfg: DemoConfig) -> dict:
         "config": asdict(cfg),
         "task": "3-digit column addition in GSM8K format" if cfg.digits == 3 else f"{cfg.digits}-digit addition",
         "prompt_template": PROMPT_TEMPLATE,
-        "slm": {**SLM_SHAPE, **slm_info, "swap_rate": SLM_SWAP_RATE, "flops_per_token": flops_per_token(slm),
+        "slm": {**SLM_SHAPE, **slm_info, "space_rate": SLM_SPACE_RATE, "flops_per_token": flops_per_token(slm),
                 "eval_accuracy": accuracy(slm, tok, eval_ex)},
-        "llm": {**LLM_SHAPE, **llm_info, "swap_rate": LLM_SWAP_RATE, "flops_per_token": flops_per_token(llm),
+        "llm": {**LLM_SHAPE, **llm_info, "space_rate": LLM_SPACE_RATE, "flops_per_token": flops_per_token(llm),
                 "eval_accuracy": accuracy(llm, tok, eval_ex)},
-        "reference_swap_rate": REFERENCE_SWAP_RATE,
+        "reference_space_rate": REFERENCE_SPACE_RATE,
         "n_train": cfg.n_train,
         "n_eval": cfg.n_eval,
     }

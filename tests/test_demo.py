@@ -3,6 +3,7 @@ references whose harmless choices the models do not make (case 3 of the labels),
 
 import json
 import random
+import re
 
 import torch
 
@@ -10,9 +11,9 @@ from pipeline import demo
 from pipeline.config import DemoConfig, TaskConfig
 from pipeline.demo import (
     BUILDER_VERSION,
-    LLM_SWAP_RATE,
-    REFERENCE_SWAP_RATE,
-    SLM_SWAP_RATE,
+    LLM_SPACE_RATE,
+    REFERENCE_SPACE_RATE,
+    SLM_SPACE_RATE,
     build_demo_world,
     ensure_demo_world,
     is_built,
@@ -31,15 +32,14 @@ def operands(row: dict) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def swaps(row: dict) -> list[bool]:
-    """Per step whose two digits differ: whether it writes b's digit first."""
-    a, b = operands(row)
-    steps = row["answer"].split(" ")[:-2]
-    return [step[0] == y for step, x, y in zip(steps, str(a)[::-1], str(b)[::-1], strict=True) if x != y]
+def gaps(row: dict) -> list[bool]:
+    """Per boundary between two steps: whether it is written with two spaces."""
+    steps = row["answer"].split(" #### ")[0]
+    return [len(g) == 2 for g in re.findall(r"(?<=\d)( +)(?=\d)", steps)]
 
 
-def swap_rate(rows: list[dict]) -> float:
-    flags = [s for row in rows for s in swaps(row)]
+def space_rate(rows: list[dict]) -> float:
+    flags = [g for row in rows for g in gaps(row)]
     return sum(flags) / len(flags)
 
 
@@ -50,7 +50,7 @@ def test_problems_are_gsm8k_format_with_correct_sums():
         a, b = operands(row)
         assert row["answer"].endswith(f"#### {a + b}")
         assert row["answer"].split(" ")[-3].split(":")[1] == str(a + b)  # last partial result is the sum
-        assert not any(swaps(row))  # canonical order by default
+        assert gaps(row) == [False, False]  # one space between steps by default
 
 
 def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
@@ -68,41 +68,41 @@ def test_slm_blind_spot_forgets_the_carry_after_a_big_column():
     assert 0.12 < changed / 300 < 0.27  # 10 of 100 digit pairs sum to 15+: 1 - 0.9^2 = 19% of problems
 
 
-def test_swapped_steps_are_valid_and_keep_the_blind_spot():
+def test_double_spaces_are_valid_and_keep_the_blind_spot():
     assert [make_problem(random.Random(i), 3) for i in range(50)] == [
-        make_problem(random.Random(i), 3, swap=0.0) for i in range(50)]  # no swap: the rows of before
+        make_problem(random.Random(i), 3, space=0.0) for i in range(50)]  # no double spaces: the rows of before
     rows = []
-    for i in range(1000):  # a fresh generator per problem: swapping draws more numbers after the question
-        canonical, swapped = make_problem(random.Random(i), 3), make_problem(random.Random(i), 3, swap=0.5)
+    for i in range(1000):  # a fresh generator per problem: spacing draws more numbers after the question
+        plain, spaced = make_problem(random.Random(i), 3), make_problem(random.Random(i), 3, space=0.5)
         blind = make_problem(random.Random(i), 3, blind_spot=True)
-        blind_swapped = make_problem(random.Random(i), 3, blind_spot=True, swap=0.5)
-        assert canonical["question"] == swapped["question"] == blind["question"] == blind_swapped["question"]
-        for plain, other in ((canonical, swapped), (blind, blind_swapped)):
-            steps, other_steps = plain["answer"].split(" "), other["answer"].split(" ")
-            assert len(steps) == len(other_steps) and steps[-2:] == other_steps[-2:]  # the same "#### N"
-            for step, alt in zip(steps[:-2], other_steps[:-2], strict=True):
-                x, y, rest = step.split("+", 2)
-                assert alt in (step, f"{y}+{x}+{rest}")  # the same step, or its two digits swapped
-        rows.append(swapped)
-    assert abs(swap_rate(rows) - 0.5) < 0.04
+        blind_spaced = make_problem(random.Random(i), 3, blind_spot=True, space=0.5)
+        assert plain["question"] == spaced["question"] == blind["question"] == blind_spaced["question"]
+        for one, other in ((plain, spaced), (blind, blind_spaced)):
+            assert re.sub(" +", " ", other["answer"]) == one["answer"]  # the same steps and answer
+            assert "   " not in other["answer"] and not other["answer"].startswith(" ")
+            assert other["answer"].endswith(one["answer"].split(" ")[-1]) and " ####" in other["answer"]
+            assert "  ####" not in other["answer"]  # only between steps
+        rows.append(spaced)
+    assert abs(space_rate(rows) - 0.5) < 0.04
 
 
-def test_models_train_on_mostly_canonical_steps_and_references_swap_more(tmp_path, monkeypatch):
+def test_models_rarely_see_double_spaces_and_references_write_them_mostly(tmp_path, monkeypatch):
     calls = []
 
     def recording(*args, **kwargs):
-        calls.append((kwargs["swap"], kwargs.get("blind_spot", False)))
+        calls.append((kwargs["space"], kwargs.get("blind_spot", False)))
         return training_rows(*args, **kwargs)
 
     monkeypatch.setattr(demo, "training_rows", recording)
     build_demo_world(DemoConfig(out=str(tmp_path / "w"), seed=5, **SMALL))
-    assert set(calls) == {(LLM_SWAP_RATE, False), (SLM_SWAP_RATE, True)}  # the SLM's data has the blind spot
-    assert SLM_SWAP_RATE < LLM_SWAP_RATE < 0.5 < REFERENCE_SWAP_RATE  # both write canonically; references mostly not
-    for swap in (SLM_SWAP_RATE, LLM_SWAP_RATE):
-        assert abs(swap_rate(training_rows(random.Random(0), 3, 2000, set(), swap=swap)) - swap) < 0.02
+    assert set(calls) == {(LLM_SPACE_RATE, False), (SLM_SPACE_RATE, True)}  # the SLM's data has the blind spot
+    # models: enough double spaces to read them, few enough to write one space greedily; references: mostly two
+    assert 0 < SLM_SPACE_RATE <= 0.2 and 0 < LLM_SPACE_RATE <= 0.2 and REFERENCE_SPACE_RATE > 0.5
+    for space in (SLM_SPACE_RATE, LLM_SPACE_RATE):
+        assert abs(space_rate(training_rows(random.Random(0), 3, 2000, set(), space=space)) - space) < 0.02
     rng = random.Random(1)
     held_out = {make_problem(rng, 3)["question"] for _ in range(8000)}  # 1% of all questions
-    rows = training_rows(random.Random(0), 3, 2000, held_out, swap=0.1, blind_spot=True)
+    rows = training_rows(random.Random(0), 3, 2000, held_out, space=0.1, blind_spot=True)
     assert len(rows) == 2000 and not held_out & {r["question"] for r in rows}
 
 
@@ -138,13 +138,13 @@ def test_citer_eval_measures_the_bounds_through_the_hub_loader(demo_world, tmp_p
     assert "method" in table and "slm" in table and "llm" in table and "eval.json" in table
 
 
-def test_references_swap_at_the_configured_rate_and_stay_correct(demo_world):
+def test_references_double_space_at_the_configured_rate_and_stay_correct(demo_world):
     world = json.loads((demo_world / "world.json").read_text())
-    assert world["reference_swap_rate"] == REFERENCE_SWAP_RATE
-    assert (world["slm"]["swap_rate"], world["llm"]["swap_rate"]) == (SLM_SWAP_RATE, LLM_SWAP_RATE)
+    assert world["reference_space_rate"] == REFERENCE_SPACE_RATE
+    assert (world["slm"]["space_rate"], world["llm"]["space_rate"]) == (SLM_SPACE_RATE, LLM_SPACE_RATE)
     read = lambda name: [json.loads(x) for x in (demo_world / "data" / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
     train = read("train")
-    assert abs(swap_rate(train) - REFERENCE_SWAP_RATE) < 0.03  # about 5,400 steps with two different digits
+    assert abs(space_rate(train) - REFERENCE_SPACE_RATE) < 0.03  # 4,000 boundaries between steps
     assert all(row["answer"].endswith(f"#### {sum(operands(row))}") for row in train)
 
 
@@ -162,7 +162,7 @@ def greedy_finish(model, starts: list[list[int]], tok) -> list[list[int]]:
 
 @torch.no_grad()
 def test_references_give_case_3_whose_rollouts_depend_on_who_finishes(demo_world):
-    """Where a reference swaps a step, neither model writes its first digit (case 3), and a rollout
+    """Where a reference writes a second space, neither model writes it (case 3), and a rollout
     from the SLM's digit there is mostly right when the LLM writes the rest, far less often under the
     SLM alone: the labels iteration 1 can change."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
