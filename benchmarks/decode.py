@@ -16,6 +16,8 @@
 Every row's tokens are checked equal across schedules (greedy output does not depend on them).
 
 Run: python benchmarks/decode.py [--json out.json] [--repeats 1]
+On a GPU: python benchmarks/decode.py --device cuda --dtype bfloat16 --shapes 576,30,2048,24 (the
+shapes of SmolLM2-135M and SmolLM2-1.7B); the demo pair then runs on the GPU too.
 """
 
 from __future__ import annotations
@@ -46,11 +48,17 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 8192
 
 
-def llama(hidden: int, layers: int) -> LlamaForCausalLM:
+def llama(hidden: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
                       tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=1)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a clock read after it counts it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class ScoredRandomPolicy(RandomPolicy):
@@ -68,8 +76,10 @@ class ScoredRandomPolicy(RandomPolicy):
 def timed(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -80,19 +90,21 @@ def pass_cost(model, rows: int, tokens: int, cached: int = 64, repeats: int = 5)
     from transformers import DynamicCache
 
     vocab = model.config.vocab_size
-    ids = torch.randint(2, vocab, (rows, cached))
-    new = torch.randint(2, vocab, (rows, tokens))
+    ids = torch.randint(2, vocab, (rows, cached), device=model.device)
+    new = torch.randint(2, vocab, (rows, tokens), device=model.device)
     costs = []
     for _ in range(repeats):
         cache = DynamicCache()
         model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        sync()
         t0 = time.perf_counter()
         model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1)
+        sync()
         costs.append(time.perf_counter() - t0)
     return statistics.median(costs)
 
 
-def batch_1(out: list[dict], name: str, slm, llm, prompts, policy, kw: dict) -> None:
+def batch_1(out: list[dict], name: str, slm, llm, prompts, policy, kw: dict, exact: bool = True) -> None:
     """LLM-only, router decoding (LLM called at once) and speculative decoding, one prompt at a time."""
     for label, fn in (("llm-only", lambda: decode(slm, llm, prompts, LLMOnly(), batch_size=1, **kw)),
                       ("router", lambda: decode(slm, llm, prompts, policy, batch_size=1, schedule=IMMEDIATE, **kw)),
@@ -102,11 +114,12 @@ def batch_1(out: list[dict], name: str, slm, llm, prompts, policy, kw: dict) -> 
                     "llm_call_ratio": llm_call_ratio(done.generations),
                     "tokens": sum(len(g.tokens) for g in done.generations),
                     "tokens_list": [g.tokens for g in done.generations]})
-    assert out[-1]["tokens_list"] == out[-3]["tokens_list"], "speculative decoding must give the LLM's tokens"
+    if exact:  # in bf16, verifying several tokens in one pass can move a near-tie
+        assert out[-1]["tokens_list"] == out[-3]["tokens_list"], "speculative decoding must give the LLM's tokens"
 
 
 def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, eos_ids, pad_id, n_ids, repeats,
-             max_wait: int, costs: dict) -> list[dict]:
+             max_wait: int, costs: dict, exact: bool = True) -> list[dict]:
     rows = []
     for batch in batches:
         kw = dict(eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=max_new_tokens, n_ids=n_ids, batch_size=batch)
@@ -120,7 +133,11 @@ def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, e
             results[label] = timed(lambda u=use, k=kw, s=schedule: decode(slm, llm, u, policy, schedule=s, **k),
                                    repeats)
         routed = [g.tokens for g in results["immediate"][1].generations]
-        assert routed == [g.tokens for g in results["batched"][1].generations], "schedules must give equal tokens"
+        other = [g.tokens for g in results["batched"][1].generations]
+        pairs = zip(routed, other, strict=True)
+        agree = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=False)) / max(1, sum(map(len, routed)))
+        if exact:  # in bf16 a batch's composition can move a near-tie, so there it is measured, not asserted
+            assert routed == other, "schedules must give equal tokens"
         r = llm_call_ratio(results["batched"][1].generations)
         steps = statistics.mean(len(t) for t in routed)
         c_s, c_l1 = costs[name]["slm"](batch, 1), costs[name]["llm"](batch, 1)
@@ -133,7 +150,7 @@ def run_pair(name: str, slm, llm, prompts, policy, *, batches, max_new_tokens, e
                          "llm_call_ratio": llm_call_ratio(done.generations), "seconds": seconds,
                          "tokens_per_s": n / seconds, **done.counts(),
                          "speedup_vs_llm_only": (t_llm / n_llm) / (seconds / n) if label != "llm-only" else 1.0,
-                         "ceiling": ceiling if label != "llm-only" else None})
+                         "ceiling": ceiling if label != "llm-only" else None, "schedules_token_agreement": agree})
     return rows
 
 
@@ -149,7 +166,7 @@ def print_rows(rows: list[dict]) -> None:
               f"{x['speedup_vs_llm_only']:>9.2f}x{ceiling:>9}{share:>11}")
 
 
-def demo_pair(run: Path):
+def demo_pair(run: Path, device: str, dtype: str):
     """The demo world's pair and the newest trained router of `run`, or None when absent."""
     from pipeline.config import ModelsConfig
     from pipeline.models import load_pair
@@ -159,8 +176,8 @@ def demo_pair(run: Path):
     world = ROOT / ".citer" / "demo-world"
     if not routers or not (world / "llm").is_dir():
         return None
-    pair = load_pair(ModelsConfig(slm=str(world / "slm"), llm=str(world / "llm")))
-    return pair, load_router(routers[-1], expected_input_size=pair.hidden_size).router, routers[-1]
+    pair = load_pair(ModelsConfig(slm=str(world / "slm"), llm=str(world / "llm"), device=device, dtype=dtype))
+    return pair, load_router(routers[-1], expected_input_size=pair.hidden_size, device=pair.device).router, routers[-1]
 
 
 def main() -> None:
@@ -174,17 +191,23 @@ def main() -> None:
     ap.add_argument("--demo-run", type=Path, default=ROOT / "runs" / "demo", help="a `make demo` run directory")
     ap.add_argument("--demo-threshold", type=float, default=0.9, help="router threshold on the demo pair")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--shapes", default="256,4,768,12", help="SLM width,layers,LLM width,layers of the realistic pair")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    report: dict = {"threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    report: dict = {"device": where, "args": {k: str(v) for k, v in vars(args).items()}}
 
-    slm, llm = llama(256, 4), llama(768, 12)
+    sw, sl, lw, ll = map(int, args.shapes.split(","))
+    dtype = getattr(torch, args.dtype)
+    slm, llm = llama(sw, sl, args.device, dtype), llama(lw, ll, args.device, dtype)
     from pipeline.router import Router, RouterSpec
 
-    router = Router(RouterSpec(input_size=256)).eval()
-    print(f"realistic pair: untrained Llama, SLM 256 x 4 ({count_parameters(slm) / 1e6:.1f}M params), "
-          f"LLM 768 x 12 ({count_parameters(llm) / 1e6:.1f}M params), vocab {VOCAB}; {torch.get_num_threads()} threads")
+    router = Router(RouterSpec(input_size=sw)).eval().to(args.device)
+    print(f"realistic pair: untrained Llama, SLM {sw} x {sl} ({count_parameters(slm) / 1e6:.1f}M params), "
+          f"LLM {lw} x {ll} ({count_parameters(llm) / 1e6:.1f}M params), vocab {VOCAB}; {args.dtype} on {where}")
 
     print("\n1. one forward pass, 64 cached tokens (ms)")
     measured: dict = {}
@@ -211,15 +234,18 @@ def main() -> None:
           f"a row, median of {args.repeats}")
     rows = run_pair("realistic", slm, llm, prompts, ScoredRandomPolicy(router, args.target_ratio),
                     batches=args.batches, max_new_tokens=args.new_tokens, eos_ids=[1], pad_id=0, n_ids=None,
-                    repeats=args.repeats, max_wait=args.max_wait, costs=costs)
+                    repeats=args.repeats, max_wait=args.max_wait, costs=costs, exact=args.dtype == "float32")
     print_rows(rows)
+    if args.dtype != "float32":
+        print("   tokens equal across the two schedules: "
+              + ", ".join(f"batch {x['batch']} {x['schedules_token_agreement']:.1%}" for x in rows[::3]))
 
     print("\n3. speculative decoding (assisted generation, the SLM drafts; batch 1) vs LLM-only vs router, batch 1")
     spec_rows: list[dict] = []
     batch_1(spec_rows, "realistic", slm, llm, prompts[:4], ScoredRandomPolicy(router, args.target_ratio),
-            dict(eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens))
+            dict(eos_ids=[1], pad_id=0, max_new_tokens=args.new_tokens), exact=args.dtype == "float32")
 
-    demo = demo_pair(args.demo_run)
+    demo = demo_pair(args.demo_run, args.device, args.dtype)
     if demo is None:
         print(f"\n(demo pair skipped: no trained router under {args.demo_run}; run `make demo` first)")
     else:
@@ -234,11 +260,11 @@ def main() -> None:
         costs["demo"] = {"slm": cost_fn(pair.slm, "demo-slm"), "llm": cost_fn(pair.llm, "demo-llm")}
         demo_rows = run_pair("demo", pair.slm, pair.llm, demo_prompts, policy, batches=[8], max_new_tokens=48,
                              eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, n_ids=pair.n_ids, repeats=args.repeats,
-                             max_wait=args.max_wait, costs=costs)
+                             max_wait=args.max_wait, costs=costs, exact=args.dtype == "float32")
         print_rows(demo_rows)
         rows += demo_rows
         batch_1(spec_rows, "demo", pair.slm, pair.llm, demo_prompts[:16], policy,
-                dict(eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, max_new_tokens=48))
+                dict(eos_ids=pair.eos_ids, pad_id=tok.pad_token_id, max_new_tokens=48), exact=args.dtype == "float32")
 
     print(f"\n{'pair':<10}{'method':>12}{'seconds':>9}{'tok/s':>8}{'LLM passes':>11}{'speed-up':>10}")
     for x in spec_rows:

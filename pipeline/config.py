@@ -45,6 +45,13 @@ class ModelsConfig:
     # Extra tokens that end a generation, besides the tokenizer's eos and the generation config's
     # eos_token_id list (e.g. ["<|eot_id|>"] for a model whose generation config lacks it).
     eos_tokens: list[str] = _f(factory=list)
+    # Spread the LLM over several devices (accelerate's big-model loading): "auto", "balanced",
+    # "balanced_low_0", "sequential", or an explicit {module name: device} map, where a device is a
+    # GPU index, "cpu" or "disk". The SLM stays whole on `device` (the first GPU). Unset: the LLM
+    # sits whole on `device`.
+    llm_device_map: str | dict[str, str | int] | None = None
+    llm_max_memory: dict[str, str | int] | None = None  # per device, e.g. {0: "30GiB", 1: "70GiB"}
+    llm_offload_folder: str | None = None  # where "disk" modules' weights are kept
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -284,8 +284,9 @@ class _KVBatch:
         grown = []
         for layer in range(len(items[0][1])):
             k0, v0 = items[0][1][layer]
-            keys = k0.new_zeros(n, k0.shape[1], old + width, k0.shape[3], device=self.device)
-            values = v0.new_zeros(n, v0.shape[1], old + width, v0.shape[3], device=self.device)
+            # each layer's states stay on its own device (a sharded model's layers differ)
+            keys = k0.new_zeros(n, k0.shape[1], old + width, k0.shape[3])
+            values = v0.new_zeros(n, v0.shape[1], old + width, v0.shape[3])
             if old:
                 keys[:, :, :old], values[:, :, :old] = self.cache.layers[layer].keys, self.cache.layers[layer].values
             for slot, layers, length in items:
@@ -307,10 +308,10 @@ class _KVBatch:
 
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not in `slots` from the batch."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        index = torch.tensor(slots, dtype=torch.long)  # a CPU index selects on any device
         if self.cache.layers and self.cache.layers[0].is_initialized:
             self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
+        self.mask = self.mask[index.to(self.device)]
         self.seen, self.greedy = [self.seen[s] for s in slots], [self.greedy[s] for s in slots]
         self._compact()
 
@@ -319,8 +320,8 @@ class _KVBatch:
         used = self.mask.any(dim=0)
         if int((~used).sum()) * 4 < used.numel():
             return
-        columns = used.nonzero().squeeze(-1)
-        self.mask = self.mask[:, columns]
+        columns = used.nonzero().squeeze(-1).cpu()
+        self.mask = self.mask[:, columns.to(self.device)]
         for layer in self.cache.layers:
             if layer.is_initialized:
                 layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]

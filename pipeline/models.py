@@ -91,19 +91,55 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_model(name: str, cfg: ModelsConfig) -> PreTrainedModel:
-    """One causal LM in eval mode; safetensors weights only, no remote code unless configured."""
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(name: str, cfg: ModelsConfig, device_map: str | dict | None = None) -> PreTrainedModel:
+    """One causal LM in eval mode; safetensors weights only, no remote code unless configured. With
+    `device_map` (the LLM's `models.llm_device_map`) its modules are spread over devices by
+    accelerate, which moves each module's inputs to its device, so callers feed `model.device`."""
     check_model_name(name)
+    placement = {}
+    if device_map is not None:
+        placement = llm_placement(cfg, device_map)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
             dtype=DTYPES[cfg.dtype],
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
+            **placement,
         )
     except (OSError, ValueError) as e:
         raise CiterError(f"could not load model {name!r}: {e}") from None
+    if placement:
+        devices = sorted({str(d) for d in model.hf_device_map.values()})
+        log.info("%s spread over %s", name, ", ".join(devices))
+        return model.eval()
     return model.to(resolve_device(cfg.device)).eval()
+
+
+def llm_placement(cfg: ModelsConfig, device_map: str | dict) -> dict:
+    """from_pretrained's placement arguments for `models.llm_device_map`, checked."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise CiterError(f"models.llm_device_map: {device_map!r} is not one of {', '.join(DEVICE_MAPS)} "
+                         "or a {module: device} mapping")
+    if isinstance(device_map, dict):
+        device_map = {module: int(d) if str(d).isdigit() else d for module, d in device_map.items()}
+        for module, d in device_map.items():
+            if not (isinstance(d, int) or d in ("cpu", "disk")):
+                raise CiterError(f"models.llm_device_map.{module}: {d!r} is not a GPU index, 'cpu' or 'disk'")
+            if isinstance(d, int) and d >= torch.cuda.device_count():
+                raise CiterError(f"models.llm_device_map.{module}: GPU {d} is not visible "
+                                 f"({torch.cuda.device_count()} GPUs here)")
+        if "disk" in device_map.values() and not cfg.llm_offload_folder:
+            raise CiterError("models.llm_device_map puts modules on 'disk': set models.llm_offload_folder")
+    placement = {"device_map": device_map}
+    if cfg.llm_max_memory:
+        placement["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in cfg.llm_max_memory.items()}
+    if cfg.llm_offload_folder:
+        placement["offload_folder"] = cfg.llm_offload_folder
+    return placement
 
 
 def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, names: tuple[str, str]) -> None:
@@ -136,8 +172,9 @@ def load_pair(cfg: ModelsConfig) -> ModelPair:
     tok_s = load_tokenizer(cfg.slm, cfg.trust_remote_code)
     tok_l = load_tokenizer(cfg.llm, cfg.trust_remote_code)
     check_same_tokenizer(tok_s, tok_l, (cfg.slm, cfg.llm))
-    log.info("loading SLM %s and LLM %s (%s on %s)", cfg.slm, cfg.llm, cfg.dtype, cfg.device)
-    slm, llm = load_model(cfg.slm, cfg), load_model(cfg.llm, cfg)
+    log.info("loading SLM %s and LLM %s (%s on %s)", cfg.slm, cfg.llm, cfg.dtype,
+             cfg.device if cfg.llm_device_map is None else f"{cfg.device}; LLM device map {cfg.llm_device_map}")
+    slm, llm = load_model(cfg.slm, cfg), load_model(cfg.llm, cfg, cfg.llm_device_map)
     n_ids = token_id_count(tok_s)
     for role, name, model in (("SLM", cfg.slm, slm), ("LLM", cfg.llm, llm)):
         rows = model.get_output_embeddings().weight.shape[0]

@@ -37,6 +37,7 @@ EVAL_JSON, CURVE_PNG, CONVERGENCE_PNG = "eval.json", "curve.png", "convergence.p
 # resources, and where to log. Any other change would mix results of two configs in one run
 # (labels, routers or curves already written), so it is refused.
 RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "models.device",
+                     "models.llm_device_map", "models.llm_max_memory", "models.llm_offload_folder",
                      "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
                      "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
                      "train.max_failures", "eval.batch_size", "decode")

@@ -173,3 +173,38 @@ def test_speculative_decoding_gives_the_llms_tokens_in_at_most_one_llm_pass_per_
     # Each LLM pass checks the SLM's draft and keeps at least one token: never more passes than tokens.
     assert len(prompts) <= spec.llm_passes <= n and spec.slm_passes > 0
     assert spec.llm_passes == sum(g.llm_passes for g in spec.generations)
+
+
+def test_an_llm_spread_over_devices_decodes_the_same_tokens(pair, router, demo_world, tmp_path):
+    """`models.llm_device_map`: the LLM's last two layers kept on disk and streamed in by accelerate's
+    hooks (on a GPU machine, a map over GPUs and the CPU) decodes exactly what the whole LLM does,
+    its cache reused, compacted and reordered across the split."""
+    modules = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3",
+               "model.norm", "model.rotary_emb", "lm_head"]
+    device_map = {m: "disk" if m in ("model.layers.2", "model.layers.3") else "cpu" for m in modules}
+    split = load_pair(ModelsConfig(slm=str(demo_world / "slm"), llm=str(demo_world / "llm"),
+                                   llm_device_map=device_map, llm_offload_folder=str(tmp_path / "offload")))
+    assert split.llm.hf_device_map == device_map
+    on = {name: p.device.type for name, p in split.llm.named_parameters()}
+    assert {on[n] for n in on if ".layers.2." in n or ".layers.3." in n} == {"meta"}  # not in memory: on disk
+    assert {on[n] for n in on if ".layers.0." in n} == {"cpu"}
+    tok = pair.tokenizer
+    prompts = prompts_of_mixed_lengths(tok, 7)
+    kw = dict(eos_ids=[tok.eos_token_id], max_new_tokens=48, pad_id=tok.pad_token_id, batch_size=4,
+              schedule=Schedule(wait_fraction=0.5, max_wait=3))
+    policy = RouterPolicy(router, 0.5)
+    whole = decode(pair.slm, pair.llm, prompts, policy, **kw).generations
+    spread = decode(split.slm, split.llm, prompts, policy, **kw).generations
+    assert [g.tokens for g in spread] == [g.tokens for g in whole]
+    assert [g.from_llm for g in spread] == [g.from_llm for g in whole] and 0 < llm_call_ratio(whole) < 1
+
+
+@pytest.mark.parametrize("device_map, message", [
+    ("everywhere", "models.llm_device_map: 'everywhere' is not one of auto"),
+    ({"model": 7}, "models.llm_device_map.model: GPU 7 is not visible"),
+    ({"model": "tpu"}, "models.llm_device_map.model: 'tpu' is not a GPU index, 'cpu' or 'disk'"),
+    ({"model": "disk"}, "set models.llm_offload_folder"),
+])
+def test_a_bad_llm_device_map_is_named(demo_world, device_map, message):
+    with pytest.raises(CiterError, match=message):
+        load_pair(ModelsConfig(slm=str(demo_world / "slm"), llm=str(demo_world / "llm"), llm_device_map=device_map))
