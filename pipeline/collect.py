@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline import CiterError
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_write_json, atomic_writer
+from pipeline.progress import Progress
 from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, ensure_ray, router_dir, shard_path
 from pipeline.tasks import Example, load_examples
 
@@ -114,13 +116,11 @@ class TokenLabeler:
 
     def __init__(self, config: dict, run: str, iteration: int, threads: int = 1):
         import torch
-        from transformers.utils import logging as hf_logging
 
         from pipeline.decoding import RouterPolicy, SLMOnly
         from pipeline.models import load_pair
         from pipeline.router import load_router
 
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per model per actor is noise in the log
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(Config, config, source=f"{run}/{RUN_JSON}")
         self.run, self.iteration = Path(run), iteration
@@ -250,8 +250,15 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
             batch_size=1,
             num_cpus=cfg.collect.num_cpus_per_actor,
             num_gpus=cfg.collect.num_gpus_per_actor,
+            # Ray Data restarts a dead labelling actor unless told not to, and Ray logs an error line
+            # for that setting at each start. On an embedded Ray an actor dies only of its machine's
+            # trouble (memory), which a restart meets again; a rerun resumes from the finished shards.
+            **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
         )
-        labelled = sum(r["rows"] for r in ds.take_all())
+        with Progress(len(todo), f"collect iteration {iteration}", unit="shard") as bar:
+            for r in ds.iter_rows():
+                labelled += r["rows"]
+                bar.update()
     seconds = time.perf_counter() - t0
     files = sorted(out_dir.glob("part-*.parquet"))
     counted = [pq.read_schema(f).metadata or {} for f in files]

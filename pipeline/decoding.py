@@ -25,10 +25,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from pipeline import CiterError
+from pipeline.progress import Progress
 from pipeline.router import Router
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def decode(slm: PreTrainedModel | None, llm: PreTrainedModel | None, prompts: li
                 kv.insert(inserts[name])
 
     fill(list(range(n_slots)))
-    bar = tqdm(total=len(prompts), desc=desc, disable=True if desc is None else None, leave=False)
+    bar = Progress(len(prompts), desc, unit="row", leave=False)
     step = 0
 
     def append(slot: int, token: int, from_llm: bool, confidence: float) -> bool:
@@ -497,7 +497,8 @@ def speculative_decode(slm: PreTrainedModel, llm: PreTrainedModel, prompts: list
                               eos_token_id=sorted(eos_ids))
     hooks = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in (("slm", slm), ("llm", llm))]
     try:
-        for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=True if desc is None else None, leave=False)):
+        bar = Progress(len(prompts), desc, unit="row", leave=False)
+        for i, prompt in enumerate(prompts):
             before = {n: list(c) for n, c in counts.items()}
             ids = torch.tensor([prompt], device=llm.device)
             new = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=slm,
@@ -508,6 +509,8 @@ def speculative_decode(slm: PreTrainedModel, llm: PreTrainedModel, prompts: list
             g.slm_confidence = [float("nan")] * end
             g.llm_passes, g.llm_tokens_processed = (counts["llm"][k] - before["llm"][k] for k in (0, 1))
             g.slm_passes, g.slm_tokens_processed = (counts["slm"][k] - before["slm"][k] for k in (0, 1))
+            bar.update()
+        bar.close()
     finally:
         for h in hooks:
             h.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def load_model(name: str, cfg: ModelsConfig, device_map: str | dict | None = Non
     `device_map` (the LLM's `models.llm_device_map`) its modules are spread over devices by
     accelerate, which moves each module's inputs to its device, so callers feed `model.device`."""
     check_model_name(name)
+    if not sys.stderr.isatty():  # a "Loading weights" bar per model is noise in a log (an actor's, a job's)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     placement = {}
     if device_map is not None:
         placement = llm_placement(cfg, device_map)

@@ -133,8 +133,26 @@ def check_run_config(cfg: Config, run: Path) -> None:
             f"change results already in the run; use a new run directory or restore the old values (keys "
             f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
         )
+    check_sharded_checkpoints(record["config"], cfg, run)
     if record["config"] != cfg.to_dict():  # allowed changes: the run now goes on with them
         update_run_record(run, config=cfg.to_dict())
+
+
+def check_sharded_checkpoints(old: dict, cfg: Config, run: Path) -> None:
+    """Refuse a new `train.num_workers` while a train stage is unfinished under ZeRO >= 1: DeepSpeed
+    splits that stage's optimizer state by world size, and its checkpoints load only into as many
+    workers. Between train stages the count may change (a stage starts from whole router weights)."""
+    before, now = old["train"]["num_workers"], cfg.train.num_workers
+    stage = old["deepspeed"]["zero_stage"]
+    if before == now or stage == 0:
+        return
+    for train in sorted(run.glob(f"iter-*/{TRAIN_DIR}")):
+        if not (train / DONE).exists() and any(train.glob("checkpoint_*")):
+            raise CiterError(
+                f"train.num_workers changed from {before} to {now}, but {train} holds the checkpoints of an "
+                f"unfinished train stage under ZeRO stage {stage}, split over {before} workers, which load "
+                f"into {before} workers only. Resume with train.num_workers={before} (change it once that stage "
+                f"is done), or delete {train} to train that iteration's router again")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +160,10 @@ def check_run_config(cfg: Config, run: Path) -> None:
 
 
 # Environment for Ray's worker processes on an embedded local Ray: one thread each (the CPUs are
-# shared out by Ray), and Ray Train's controller polling often enough that a report per epoch is
-# not a 2 s wait (stack-notes.md).
-RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# shared out by Ray), and no watcher for preempted nodes (one machine; its actor's restart
+# settings make Ray log an error line on every training start). Ray Train's controller polls
+# often enough that a report per epoch is not a 2 s wait (stack-notes.md).
+RAY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Passed on to an embedded local Ray's processes when set: where W&B logs and how, where models
 # are cached. Ray jobs get them less the local paths (submit.LOCAL_PATH_ENV). API keys are not
@@ -157,19 +176,59 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
+def quiet_ray_logs() -> None:
+    """Silence, on purpose, Ray's log lines that tell a citer user nothing, in this process:
+    Ray Data's start, plan and finish lines for every dataset (citer logs each stage and counts
+    its own progress, `pipeline.progress`), its notice that progress bars are off (citer turns
+    them off: on a terminal they fight citer's bar, in a job's log they are a ten-line block every
+    10 s), and a deprecation warning Ray Train raises from its own use of Ray Data. Warnings and
+    errors otherwise still show."""
+    import logging
+    import warnings
+
+    import ray.data  # configures Ray Data's loggers on import; levels set after it stay
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
+
+
+def quiet_embedded_worker() -> None:
+    """Worker setup hook of an embedded local Ray: `quiet_ray_logs`, and Ray Train's
+    placement-group cleaner silenced. The cleaner asks the state API, served by the dashboard an
+    embedded Ray runs without, whether the Train controller lives, and warns every second or so
+    that it cannot tell. It guards against a driver that dies while Ray lives on, which an
+    embedded Ray never does (it dies with its driver)."""
+    import logging
+
+    quiet_ray_logs()
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
     import ray
 
     for key, value in RAY_TRAIN_ENV.items():  # read by the Train controller, which runs in this process
         os.environ.setdefault(key, value)
+    quiet_ray_logs()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if not address:
+        # Token authentication is Ray's default for a local instance; said explicitly, Ray does not
+        # warn about it at every start.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        import torch
+
+        if not torch.cuda.is_available():  # DeepSpeed warns in every process that finds no GPU unless told
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        told = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
         kwargs.update(include_dashboard=False,
-                      runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env()}})
+                      runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env(), **told},
+                                   "worker_process_setup_hook": "pipeline.rundir.quiet_embedded_worker"})
         if os.environ.get("CITER_OBJECT_STORE_BYTES"):
             kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
     ray.init(address=address, **kwargs)

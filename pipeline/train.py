@@ -320,7 +320,6 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     import ray.data
 
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch split bars flood the log
     t0 = time.perf_counter()
     source = ray.data.read_parquet([str(f) for f in files]).select_columns(["example_id", "slm_hidden", "label"])
     # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.

@@ -21,6 +21,9 @@ SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1"
          "eval.random_ratios=[0.2]", "eval.confidence_thresholds=[0.9]", "eval.query_fractions=[0.2]",
          "loop.iterations=1"]
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B API key that must never be written
+NOISE = ("PlacementGroupCleaner", "Setting accelerator to CPU", "max_restarts > 0", "Progress bars disabled",
+         "Token authentication is enabled", "DeprecationWarning", "Running Dataset", "Execution plan of Dataset",
+         "WARNING", "ERROR", "Traceback", "Loading weights")
 
 
 def start(run: Path) -> subprocess.Popen:
@@ -116,6 +119,13 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
 
     status = run_status(run)
     assert "finished" in status and "iter-000 (complete)" in status and f"W&B run {run_id}" in status
+
+    # The starts' logs (collecting, training, evaluating) hold none of Ray's, DeepSpeed's or W&B's
+    # recurring noise, and nothing at ERROR or WARNING level at all.
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("start-*.log"))) + done.stdout + done.stderr
+    for noise in NOISE:
+        assert noise not in logs, noise
+    assert "epoch" in logs and "collect iteration 0" in logs  # the logs were read, and are citer's
 
 
 def test_config_changes_that_invalidate_work_are_refused_others_allowed(tmp_path, demo_world):
@@ -219,3 +229,25 @@ def test_a_run_left_open_in_a_shared_wandb_service_is_a_clear_error(tmp_path):
     assert killed.returncode == -9, killed.stderr
     with pytest.raises(CiterError, match="still held open by the wandb-core service WANDB_SERVICE names"):
         Tracker(cfg, run)
+
+
+@pytest.mark.parametrize("zero_stage, finished, refused", [(1, False, True), (1, True, False), (0, False, False)])
+def test_worker_count_changes_only_where_sharded_checkpoints_allow(tmp_path, demo_world, zero_stage, finished, refused):
+    """ZeRO >= 1 splits a train stage's checkpoints by world size: a new worker count is refused while
+    such a stage is unfinished, and allowed once it is done or without ZeRO sharding."""
+    os.chdir(ROOT)
+    run = tmp_path / "run"
+    check_run_config(load_config(DEMO_CONFIG, [*SMALL, f"deepspeed.zero_stage={zero_stage}"]), run)
+    train = iteration_dir(run, 0) / "train"
+    (train / "checkpoint_2026-11-26_00-00-00.000001").mkdir(parents=True)
+    if finished:
+        (train / DONE).write_text("{}")
+    more = load_config(DEMO_CONFIG, [*SMALL, f"deepspeed.zero_stage={zero_stage}", "train.num_workers=4"])
+    if refused:
+        with pytest.raises(CiterError, match=r"train.num_workers changed from 2 to 4, but .*iter-000/train holds .* "
+                                             r"ZeRO stage 1, split over 2 workers"):
+            check_run_config(more, run)
+        assert json.loads((run / "run.json").read_text())["config"]["train"]["num_workers"] == 2  # unchanged
+    else:
+        check_run_config(more, run)
+        assert json.loads((run / "run.json").read_text())["config"]["train"]["num_workers"] == 4
