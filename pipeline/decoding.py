@@ -95,18 +95,20 @@ class ConfidencePolicy(Policy):
 @dataclass
 class RandomPolicy(Policy):
     """Each token goes to the LLM with probability `ratio`, drawn from (seed, row, step) so the
-    choice does not depend on batching."""
+    choice does not depend on batching. `first_row` numbers the rows of a shard of a larger set,
+    so that the draws do not depend on sharding either."""
 
     ratio: float
     seed: int = 0
+    first_row: int = 0
     name = "random"
 
     def __post_init__(self):
         check_threshold(self.ratio, "random routing ratio")
 
     def route(self, hidden, logits, rows, steps):
-        return torch.tensor([_uniform(self.seed, r, s) < self.ratio for r, s in zip(rows, steps, strict=True)],
-                            dtype=torch.bool)
+        return torch.tensor([_uniform(self.seed, self.first_row + r, s) < self.ratio
+                             for r, s in zip(rows, steps, strict=True)], dtype=torch.bool)
 
 
 def _uniform(seed: int, row: int, step: int) -> float:

@@ -8,18 +8,20 @@ and (1, LLM accuracy), where every token-level method ends up at its extreme thr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline import CiterError
+from pipeline.config import EVAL_METHODS, Config, from_dict
 from pipeline.decoding import (
     ConfidencePolicy,
     Generation,
     LLMOnly,
-    Policy,
     RandomPolicy,
     RouterPolicy,
     Schedule,
@@ -30,7 +32,9 @@ from pipeline.decoding import (
 )
 from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, encode_prompts, flops_per_token, load_pair
-from pipeline.router import Router, load_router
+from pipeline.progress import Progress
+from pipeline.router import WEIGHTS, Router, load_router
+from pipeline.rundir import EVAL_PARTS, ensure_ray
 from pipeline.tasks import Example, extract_answer, load_examples
 
 log = logging.getLogger(__name__)
@@ -64,19 +68,67 @@ def make_point(method: str, threshold: float | None, gens: list[Generation], sco
     }
 
 
-def run_policy(pair: ModelPair, policy: Policy, prompts: list[list[int]], examples: list[Example],
-               cfg: Config, threshold: float | None) -> tuple[dict[str, Any], list[Generation]]:
-    """Decode every prompt under `policy`, score, and time it."""
-    label = policy.name if threshold is None else f"{policy.name} @ {threshold:g}"
-    t0 = time.perf_counter()
-    done = decode(pair.slm, pair.llm, prompts, policy, **pair.decode_kwargs, max_new_tokens=cfg.eval.max_new_tokens,
-                  batch_size=cfg.eval.batch_size, schedule=Schedule.of(cfg.decode), desc=label)
-    seconds = time.perf_counter() - t0
-    counts = {**done.counts(), "flops": flops_per_token(pair.slm) * done.slm_tokens_processed
-              + flops_per_token(pair.llm) * done.llm_tokens_processed}
-    gens = done.generations
-    return make_point(policy.name, threshold, gens, score(pair, cfg.task.format, gens, examples), seconds,
-                      counts), gens
+def planned_runs(cfg: Config, with_router: bool, baselines: dict[str, Any] | None = None) -> list[list]:
+    """[method, threshold] of every decode an evaluation does: the SLM and the LLM alone (they
+    anchor every curve), the router's sweep, the random and confidence sweeps, speculative decoding.
+    With `baselines` (an earlier eval.json of the run), everything but the router is reused."""
+    e, methods = cfg.eval, set(cfg.eval.methods)
+    runs: list[list] = []
+    if baselines is None:
+        runs += [["slm", None], ["llm", None]]
+        runs += [["random", r] for r in e.random_ratios] if "random" in methods else []
+        runs += [["confidence", t] for t in e.confidence_thresholds] if "confidence" in methods else []
+        runs += [["speculative", None]] if "speculative" in methods else []
+    if with_router and "router" in methods:
+        runs += [["router", t] for t in e.thresholds]
+    return runs
+
+
+def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example], cfg: Config, runs: list[list],
+                first_row: int = 0) -> dict[str, dict[str, Any]]:
+    """Decode `examples` once per planned run and score them: per run, each row's tokens, who wrote
+    them (and, for the SLM alone, its confidence), whether it was right, what the models did and
+    the seconds it took. `first_row` is the examples' place in the whole held-out set."""
+    prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template,
+                             cfg.task.system_prompt)
+    policies = {"slm": lambda t: SLMOnly(), "llm": lambda t: LLMOnly(), "router": lambda t: RouterPolicy(router, t),
+                "random": lambda t: RandomPolicy(t, cfg.eval.seed, first_row), "confidence": ConfidencePolicy}
+    out = {}
+    for method, threshold in runs:
+        label = method if threshold is None else f"{method} @ {threshold:g}"
+        t0 = time.perf_counter()
+        if method == "speculative":
+            done = speculative_decode(pair.slm, pair.llm, prompts, eos_ids=pair.eos_ids,
+                                      pad_id=pair.tokenizer.pad_token_id, max_new_tokens=cfg.eval.max_new_tokens,
+                                      desc=label)
+        else:
+            done = decode(pair.slm, pair.llm, prompts, policies[method](threshold), **pair.decode_kwargs,
+                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                          schedule=Schedule.of(cfg.decode), desc=label)
+        gens = done.generations
+        out[label] = {
+            "method": method, "threshold": threshold, "seconds": time.perf_counter() - t0,
+            "counts": {**done.counts(), "flops": flops_per_token(pair.slm) * done.slm_tokens_processed
+                       + flops_per_token(pair.llm) * done.llm_tokens_processed},
+            "scored": score(pair, cfg.task.format, gens, examples),
+            "rows": [{"tokens": g.tokens, "from_llm": g.from_llm, "llm_tokens_processed": g.llm_tokens_processed,
+                      "slm_tokens_processed": g.slm_tokens_processed,
+                      "slm_confidence": g.slm_confidence if method == "slm" else []} for g in gens],
+        }
+    return out
+
+
+def merge_parts(parts: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[dict, list[Generation], list]]:
+    """The shards' decodes of each run joined in example order: (point, generations, scored)."""
+    merged = {}
+    for label, first in parts[0].items():
+        runs = [part[label] for part in parts]
+        gens = [Generation(**row) for run in runs for row in run["rows"]]
+        scored = [x for run in runs for x in run["scored"]]
+        counts = {k: sum(run["counts"][k] for run in runs) for k in first["counts"]}
+        point = make_point(first["method"], first["threshold"], gens, scored, sum(r["seconds"] for r in runs), counts)
+        merged[label] = (point, gens, scored)
+    return merged
 
 
 def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tuple[dict, list[Generation], list[bool]],
@@ -150,69 +202,150 @@ def headline(points: list[dict[str, Any]], methods: list[str], slm_accuracy: flo
     return {"target_accuracy": target, "llm_calls_to_target": calls, "llm_call_reduction_at_target": reduction}
 
 
-BASELINES = ("random", "confidence", "query")
+class EvalDecoder:
+    """Ray Data actor of the evaluate stage: holds the pair and the router; decodes whole shards of
+    the held-out set under every planned run and writes each shard's part file."""
+
+    def __init__(self, config: dict, router: str | None, parts: str, runs: list[list], signature: str,
+                 threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = from_dict(Config, config, source="the evaluation's config")
+        self.pair = load_pair(self.cfg.models)
+        self.router = load_router(router, expected_input_size=self.pair.hidden_size,
+                                  device=self.pair.device).router if router else None
+        self.parts, self.runs, self.signature = Path(parts), runs, signature
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"shard": []}
+        for shard, first_row, payload in zip(batch["shard"], batch["first_row"], batch["examples"], strict=True):
+            examples = [Example(**e) for e in json.loads(payload)]
+            runs = decode_runs(self.pair, self.router, examples, self.cfg, self.runs, int(first_row))
+            atomic_write_json(part_path(self.parts, int(shard)), {"signature": self.signature, "runs": runs})
+            out["shard"].append(int(shard))
+        return out
+
+
+def part_path(parts: Path, shard: int) -> Path:
+    return parts / f"part-{shard:05d}.json"
+
+
+def read_part(parts: Path, shard: int, signature: str) -> dict[str, dict[str, Any]] | None:
+    """A shard's decodes, or None when it is missing, damaged or from another evaluation (another
+    config, router or plan): then it is decoded again."""
+    try:
+        part = json.loads(part_path(parts, shard).read_text())
+        return part["runs"] if part.get("signature") == signature else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = None,
              baselines: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the configured methods on the held-out split; write curve.png, then eval.json.
-
-    With `baselines` (an earlier eval.json of the same config), its random/confidence/query points
-    are reused instead of decoded again: they do not depend on the router."""
-    examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before loading models
-    pair = load_pair(cfg.models)
-    router = load_router(router_dir, expected_input_size=pair.hidden_size, device=pair.device).router \
-        if router_dir else None
-    prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template,
-                             cfg.task.system_prompt)
-    log.info("evaluating on %d held-out examples from %s", len(examples), cfg.task.eval_path)
-    result = evaluate_methods(pair, router, prompts, examples, cfg, baselines)
+    """Evaluate the configured methods on the held-out split over an actor pool of the collect
+    stage's size and resources (`collect.num_actors`, CPUs and GPUs per actor), `eval.shard_size`
+    examples a task; this process loads no model. Each shard's decodes are written to
+    OUT/eval-parts/ as it completes, so a rerun decodes only the rest; then curve.png, then
+    eval.json. With `baselines` (an earlier eval.json of the run) only the router is decoded."""
+    examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before any actor
+    if router_dir:
+        check_router_fits(cfg, router_dir)
+    runs = planned_runs(cfg, router_dir is not None, baselines)
     out = Path(out_dir)
+    parts = out / EVAL_PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    signature = eval_signature(cfg, router_dir, runs)
+    size = cfg.eval.shard_size
+    shards = [examples[i:i + size] for i in range(0, len(examples), size)]
+    todo = [k for k in range(len(shards)) if read_part(parts, k, signature) is None]
+    log.info("evaluating on %d held-out examples from %s: %d decodes each, %d shards of %d, %d to decode",
+             len(examples), cfg.task.eval_path, len(runs), len(shards), size, len(todo))
+    if todo and runs:
+        import ray.data
+
+        ensure_ray()
+        items = [{"shard": k, "first_row": k * size, "examples": json.dumps([ex.__dict__ for ex in shards[k]])}
+                 for k in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            EvalDecoder,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "router": str(router_dir) if router_dir else None,
+                                   "parts": str(parts), "runs": runs, "signature": signature,
+                                   "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(todo))),
+            batch_size=1, num_cpus=cfg.collect.num_cpus_per_actor, num_gpus=cfg.collect.num_gpus_per_actor,
+            **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),  # as in collect
+        )
+        with Progress(len(todo), "evaluate", unit="shard") as bar:
+            for _ in ds.iter_rows():
+                bar.update()
+    decoded = [read_part(parts, k, signature) if runs else {} for k in range(len(shards))]
+    if any(d is None for d in decoded):
+        raise CiterError(f"{parts}: a shard's decodes are missing after the evaluation ran; run it again")
+    result = assemble(cfg, decoded, baselines)
     plot_curve(result, out / "curve.png")
     atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
     log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
     return result
 
 
-def evaluate_methods(pair: ModelPair, router: Router | None, prompts: list[list[int]], examples: list[Example],
-                     cfg: Config, baselines: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All configured methods' points, AUCs and summary, as written to eval.json."""
+def check_router_fits(cfg: Config, router_dir: str | Path) -> None:
+    """Refuse, before any actor starts, a router built for another SLM (its config names the input
+    size; the SLM's config.json its hidden size: neither model is loaded here)."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
+    load_router(router_dir, expected_input_size=hidden)
+
+
+def eval_signature(cfg: Config, router_dir: str | Path | None, runs: list[list]) -> str:
+    """What a part file's decodes depend on: the models, task, evaluation and decode settings,
+    the router's weights and the planned runs."""
+    import hashlib
+
+    weights = Path(router_dir) / WEIGHTS if router_dir else None
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None
+    c = cfg.to_dict()
+    key = {"models": {k: v for k, v in c["models"].items() if not k.startswith("llm_") and k != "device"},
+           "task": c["task"], "eval": c["eval"], "router": digest, "runs": runs}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+BASELINES = ("slm", "llm", "random", "confidence", "query", "speculative")  # the router's points aside
+
+
+def assemble(cfg: Config, parts: list[dict[str, dict[str, Any]]], baselines: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """eval.json's content from the decoded shards (`decode_runs`), and from `baselines` for
+    every method but the router when given: points, AUCs, accuracy at 10/20/30% LLM tokens, and
+    the LLM calls each method needs to reach the LLM's accuracy minus 1 point."""
     methods = set(cfg.eval.methods)
-    if router is None:
-        methods.discard("router")
-    reused = [p for p in (baselines or {}).get("points", []) if p["method"] in BASELINES and p["method"] in methods]
-    methods -= {p["method"] for p in reused}
-    singles = {}
-    for policy in (SLMOnly(), LLMOnly()):  # always run: they anchor every curve
-        point, gens = run_policy(pair, policy, prompts, examples, cfg, None)
-        singles[policy.name] = (point, gens, score(pair, cfg.task.format, gens, examples))
-    points = [singles[m][0] for m in ("slm", "llm") if m in methods]
-    sweeps: list[tuple[Policy, float]] = []
-    if "router" in methods:
-        sweeps += [(RouterPolicy(router, t), t) for t in cfg.eval.thresholds]
-    if "random" in methods:
-        sweeps += [(RandomPolicy(r, cfg.eval.seed), r) for r in cfg.eval.random_ratios]
-    if "confidence" in methods:
-        sweeps += [(ConfidencePolicy(t), t) for t in cfg.eval.confidence_thresholds]
-    for policy, threshold in sweeps:
-        points.append(run_policy(pair, policy, prompts, examples, cfg, threshold)[0])
-    if "query" in methods:
-        points += query_points(singles["slm"], singles["llm"], cfg.eval.query_fractions)
-    if "speculative" in methods:
-        t0 = time.perf_counter()
-        done = speculative_decode(pair.slm, pair.llm, prompts, eos_ids=pair.eos_ids, pad_id=pair.tokenizer.pad_token_id,
-                                  max_new_tokens=cfg.eval.max_new_tokens, desc="speculative")
-        points.append(make_point("speculative", None, done.generations,
-                                 score(pair, cfg.task.format, done.generations, examples), time.perf_counter() - t0,
-                                 done.counts()))
-    points += reused
-    slm_acc, llm_acc = singles["slm"][0]["accuracy"], singles["llm"][0]["accuracy"]
+    merged = merge_parts(parts)
+    if baselines is None:
+        slm_acc, llm_acc = merged["slm"][0]["accuracy"], merged["llm"][0]["accuracy"]
+        points = [run[0] for label, run in merged.items() if run[0]["method"] in methods]
+        if "query" in methods:
+            points += query_points(merged["slm"], merged["llm"], cfg.eval.query_fractions)
+    else:
+        slm_acc, llm_acc = baselines["slm_accuracy"], baselines["llm_accuracy"]
+        points = [p for p in baselines["points"] if p["method"] in BASELINES and p["method"] in methods]
+        points += [run[0] for run in merged.values()]
+    points.sort(key=lambda p: (EVAL_METHODS.index(p["method"]), p["threshold"] or 0.0))
+    n = points[0]["n"] if points else 0
     swept = sorted({p["method"] for p in points} - {"slm", "llm", "speculative"})
     auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
     at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
                     for r in (0.1, 0.2, 0.3)} for m in swept}
-    return {"n_examples": len(examples), "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
+    return {"n_examples": n, "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
             "auc": auc, "accuracy_at_llm_ratio": at_ratio, **headline(points, swept, slm_acc, llm_acc)}
+
+
+def evaluate_methods(pair: ModelPair, router: Router | None, examples: list[Example], cfg: Config,
+                     baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every configured method in this process, on loaded models: what one evaluation actor does
+    for its shard, over all `examples` at once."""
+    runs = planned_runs(cfg, router is not None, baselines)
+    return assemble(cfg, [decode_runs(pair, router, examples, cfg, runs)], baselines)
 
 
 def plot_curve(result: dict[str, Any], path: str | Path) -> None:

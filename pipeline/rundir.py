@@ -33,6 +33,7 @@ RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 TRAIN_DIR = "train"
 EVAL_JSON, CURVE_PNG, CONVERGENCE_PNG = "eval.json", "curve.png", "convergence.png"
+EVAL_PARTS = "eval-parts"  # each evaluation shard's decodes, written as it completes
 # Keys that may change between runs over one run directory: how much to do and with what
 # resources, and where to log. Any other change would mix results of two configs in one run
 # (labels, routers or curves already written), so it is refused.
@@ -40,7 +41,7 @@ RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "
                      "models.llm_device_map", "models.llm_max_memory", "models.llm_offload_folder",
                      "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
                      "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
-                     "train.max_failures", "eval.batch_size", "decode")
+                     "train.max_failures", "eval.batch_size", "eval.shard_size", "decode")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +182,8 @@ def quiet_ray_logs() -> None:
     Ray Data's start, plan and finish lines for every dataset (citer logs each stage and counts
     its own progress, `pipeline.progress`), its notice that progress bars are off (citer turns
     them off: on a terminal they fight citer's bar, in a job's log they are a ten-line block every
-    10 s), and a deprecation warning Ray Train raises from its own use of Ray Data. Warnings and
-    errors otherwise still show."""
+    10 s), and deprecation warnings for Ray's own use of Ray Data and for the one argument citer
+    can pass no other way in Ray 2.60. Warnings and errors otherwise still show."""
     import logging
     import warnings
 
@@ -192,6 +193,9 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources. is deprecated")
+    # Ray 2.60 takes an actor pool's `max_restarts` only through `ray_remote_args`, which it marks
+    # deprecated for 2.64; citer pins 2.60 (collect and evaluate pass it on an embedded Ray).
+    warnings.filterwarnings("ignore", message=r".ray_remote_args. is deprecated")
 
 
 def quiet_embedded_worker() -> None:
@@ -218,9 +222,6 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if not address:
-        # Token authentication is Ray's default for a local instance; said explicitly, Ray does not
-        # warn about it at every start.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         import torch
 
         if not torch.cuda.is_available():  # DeepSpeed warns in every process that finds no GPU unless told

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline import CiterError
-from pipeline.config import Config, load_config
+from pipeline.config import load_config
 from pipeline.rundir import RAY_TRAIN_ENV, forwarded_env
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,6 @@ def job_env() -> dict[str, str]:
         log.info("not forwarding %s (paths on this machine); set cluster paths in the --runtime-env file",
                  ", ".join(skipped))
     return {k: v for k, v in env.items() if k not in LOCAL_PATH_ENV}
-
-
-def driver_gpus(cfg: Config) -> float:
-    """GPUs to reserve for the job's driver: the eval stage loads the model pair in the driver, so on a GPU
-    config it needs what a collect actor has (and must run on a GPU node, not on a CPU-only head)."""
-    return cfg.collect.num_gpus_per_actor if cfg.models.device != "cpu" else 0.0
 
 
 def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool = False) -> dict[str, Any]:
@@ -98,11 +92,10 @@ def submit(config: str, overrides: list[str], address: str, run: str | None = No
         raise CiterError(f"cannot reach the Ray cluster at {address} ({type(e).__name__}: {e}); is the head's "
                          "dashboard running and reachable?") from None
     submission_id = f"citer-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    gpus = driver_gpus(cfg)
-    log.info("submitting %s to %s: %s; runtime env %s; driver GPUs %s", submission_id, address, entrypoint,
-             describe(env), gpus)
+    # The driver loads no model (evaluation runs on actors): it needs no GPU and may run on a CPU head.
+    log.info("submitting %s to %s: %s; runtime env %s", submission_id, address, entrypoint, describe(env))
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
-                               metadata={"citer_run": cfg.name}, entrypoint_num_gpus=gpus or None)
+                               metadata={"citer_run": cfg.name})
     print(f"submitted job {job_id} to {address}")
     print(f"  logs:   ray job logs --address {address} --follow {job_id}")
     print(f"  status: ray job status --address {address} {job_id}")

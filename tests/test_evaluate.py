@@ -11,7 +11,7 @@ from pipeline.convergence import convergence_table, plot_convergence
 from pipeline.evaluate import accuracy_at_ratio, area_under_curve, calls_to_reach, headline
 from pipeline.models import load_pair
 from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, teacher_forced
-from pipeline.router import Router, RouterSpec, save_router
+from pipeline.router import Router, RouterSpec, load_router, save_router
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, run_citer
 
@@ -124,3 +124,39 @@ def test_router_for_another_slm_and_bad_thresholds_are_refused(tmp_path, demo_wo
     proc = run_citer("eval", str(DEMO_CONFIG), "eval.thresholds=[0.5,1.5]")
     assert proc.returncode == 2 and "'eval.thresholds[1]': 1.5 must be in [0, 1]" in proc.stderr
     assert not (tmp_path / "o" / "eval.json").exists()
+
+
+def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_model(shortcut_router, tmp_path,
+                                                                                    monkeypatch, local_ray):
+    """`run_eval` shards the held-out set over Ray actors: this process (the driver) loads no model,
+    each shard's decodes are kept as they complete, and a rerun decodes only the missing or damaged
+    ones. Its figures equal one in-process evaluation of the whole set (greedy tokens do not depend
+    on batching; random draws are numbered by example, not by shard)."""
+    from pipeline import evaluate, models
+
+    cfg = load_config(DEMO_CONFIG, ["eval.n_examples=60", "eval.shard_size=20", "eval.thresholds=[0.5,0.95]",
+                                    "eval.random_ratios=[0.3]", "eval.confidence_thresholds=[0.9]",
+                                    "eval.query_fractions=[0.5]", "collect.num_actors=2"])
+    whole = evaluate.evaluate_methods(load_pair(cfg.models), load_router(shortcut_router).router,
+                                      load_examples(cfg.task, "eval", limit=60), cfg)
+
+    def no_model_here(*args, **kwargs):
+        raise AssertionError("the driver loaded a model")
+
+    monkeypatch.setattr(models, "load_model", no_model_here)
+    result = evaluate.run_eval(cfg, tmp_path, router_dir=shortcut_router)
+    fields = ("method", "threshold", "accuracy", "llm_call_ratio", "generated_tokens", "n", "no_answer")
+    assert [{k: p[k] for k in fields} for p in result["points"]] == [{k: p[k] for k in fields}
+                                                                      for p in whole["points"]]
+    assert result["auc"] == pytest.approx(whole["auc"]) and result["n_examples"] == 60
+
+    parts = sorted((tmp_path / "eval-parts").glob("part-*.json"))
+    assert [p.name for p in parts] == ["part-00000.json", "part-00001.json", "part-00002.json"]
+    parts[0].unlink()  # an evaluation killed before this shard finished
+    parts[1].write_text(parts[1].read_text()[:100])  # a part cut short
+    kept = parts[2].stat().st_mtime_ns
+    (tmp_path / "eval.json").unlink()
+    again = evaluate.run_eval(cfg, tmp_path, router_dir=shortcut_router)
+    assert parts[2].stat().st_mtime_ns == kept and parts[0].is_file() and json.loads(parts[1].read_text())
+    assert [{k: p[k] for k in fields} for p in again["points"]] == [{k: p[k] for k in fields}
+                                                                     for p in result["points"]]

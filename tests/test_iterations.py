@@ -35,8 +35,8 @@ def test_rollouts_decide_labels_and_the_loop_converges(runs):
     assert it1["collect/case3_flip_share"] >= 0.20  # the first router finishes many answers the SLM got wrong
     assert it2["collect/case3_flip_share"] <= it1["collect/case3_flip_share"] / 2
     assert it2["router/agreement_with_previous"] > it1["router/agreement_with_previous"]
-    # The router beats random and query-level routing. It does NOT beat confidence routing on this
-    # world (measured: AUC 0.910 vs 0.931 in `make demo`); see the README.
+    # The router beats random and query-level routing. At `make demo`'s scale it also beats
+    # confidence routing (see the README); at this scale that is not pinned.
     for baseline in ("random", "query"):
         assert it2["eval/auc/router"] > it2[f"eval/auc/{baseline}"]
         theirs = it2[f"eval/llm_calls_to_target/{baseline}"]

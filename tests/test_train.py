@@ -20,7 +20,7 @@ from pipeline import CiterError
 from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_methods
-from pipeline.models import encode_prompts, load_pair
+from pipeline.models import load_pair
 from pipeline.router import load_router
 from pipeline.rundir import TRAIN_DIR, collect_dir, iteration_dir
 from pipeline.tasks import load_examples
@@ -88,8 +88,7 @@ def test_router_beats_the_majority_rate_and_random_routing(labelled, tmp_path):
                   "eval.random_ratios=[0.1,0.3,0.6]")
     pair = load_pair(ecfg.models)
     examples = load_examples(ecfg.task, "eval", limit=150)
-    prompts = encode_prompts(pair.tokenizer, [e.prompt for e in examples], False)
-    result = evaluate_methods(pair, saved.router, prompts, examples, ecfg)
+    result = evaluate_methods(pair, saved.router, examples, ecfg)
     assert result["auc"]["router"] > result["auc"]["random"] + 0.1
 
 
