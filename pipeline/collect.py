@@ -222,7 +222,10 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
                          f"{router_dir(run, iteration - 1)} does not exist")
     run.mkdir(parents=True, exist_ok=True)
     check_run_config(cfg, run)
+    from pipeline.models import check_pair
+
     examples = load_examples(cfg.task, "train", limit=cfg.collect.n_examples)
+    check_pair(cfg.models)
     check_lengths(cfg, examples)
     shards = plan_shards(examples, cfg.collect.shard_size)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,8 @@ class EvalConfig:
     """
 
     n_examples: int = _f(500, range=(1, None))
-    shard_size: int = _f(100, range=(1, None))  # examples an evaluation actor decodes in one task
+    # Examples an evaluation actor decodes in one task; a multiple of batch_size leaves no short batch.
+    shard_size: int = _f(128, range=(1, None))
     batch_size: int = _f(64, range=(1, None))
     max_new_tokens: int = _f(128, range=(1, None))
     methods: list[str] = _f(item_choices=EVAL_METHODS, factory=lambda: list(EVAL_METHODS[:-1]))

@@ -31,7 +31,7 @@ from pipeline.decoding import (
     speculative_decode,
 )
 from pipeline.io import atomic_write_json, atomic_writer
-from pipeline.models import ModelPair, encode_prompts, flops_per_token, load_pair
+from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_token, load_pair
 from pipeline.progress import Progress
 from pipeline.router import WEIGHTS, Router, load_router
 from pipeline.rundir import EVAL_PARTS, ensure_ray
@@ -94,7 +94,7 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
     policies = {"slm": lambda t: SLMOnly(), "llm": lambda t: LLMOnly(), "router": lambda t: RouterPolicy(router, t),
                 "random": lambda t: RandomPolicy(t, cfg.eval.seed, first_row), "confidence": ConfidencePolicy}
     out = {}
-    for method, threshold in runs:
+    for i, (method, threshold) in enumerate(runs):
         label = method if threshold is None else f"{method} @ {threshold:g}"
         t0 = time.perf_counter()
         if method == "speculative":
@@ -106,7 +106,7 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                           schedule=Schedule.of(cfg.decode), desc=label)
         gens = done.generations
-        out[label] = {
+        out[f"{i}:{label}"] = {
             "method": method, "threshold": threshold, "seconds": time.perf_counter() - t0,
             "counts": {**done.counts(), "flops": flops_per_token(pair.slm) * done.slm_tokens_processed
                        + flops_per_token(pair.llm) * done.llm_tokens_processed},
@@ -236,7 +236,7 @@ def read_part(parts: Path, shard: int, signature: str) -> dict[str, dict[str, An
     config, router or plan): then it is decoded again."""
     try:
         part = json.loads(part_path(parts, shard).read_text())
-        return part["runs"] if part.get("signature") == signature else None
+        return part["runs"] if isinstance(part, dict) and part.get("signature") == signature else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -249,12 +249,15 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     OUT/eval-parts/ as it completes, so a rerun decodes only the rest; then curve.png, then
     eval.json. With `baselines` (an earlier eval.json of the run) only the router is decoded."""
     examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before any actor
+    check_pair(cfg.models)
     if router_dir:
         check_router_fits(cfg, router_dir)
     runs = planned_runs(cfg, router_dir is not None, baselines)
     out = Path(out_dir)
     parts = out / EVAL_PARTS
     parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".part-*.tmp"):  # a killed writer's
+        stale.unlink()
     signature = eval_signature(cfg, router_dir, runs)
     size = cfg.eval.shard_size
     shards = [examples[i:i + size] for i in range(0, len(examples), size)]
@@ -282,7 +285,7 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     decoded = [read_part(parts, k, signature) if runs else {} for k in range(len(shards))]
     if any(d is None for d in decoded):
         raise CiterError(f"{parts}: a shard's decodes are missing after the evaluation ran; run it again")
-    result = assemble(cfg, decoded, baselines)
+    result = assemble(cfg, len(examples), decoded, baselines)
     plot_curve(result, out / "curve.png")
     atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
     log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
@@ -300,43 +303,44 @@ def check_router_fits(cfg: Config, router_dir: str | Path) -> None:
 
 def eval_signature(cfg: Config, router_dir: str | Path | None, runs: list[list]) -> str:
     """What a part file's decodes depend on: the models, task, evaluation and decode settings,
-    the router's weights and the planned runs."""
+    the router's weights and the planned runs (tokens depend on fewer of them; passes and times on
+    these too, so that one eval.json does not mix two settings)."""
     import hashlib
 
     weights = Path(router_dir) / WEIGHTS if router_dir else None
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None
     c = cfg.to_dict()
-    key = {"models": {k: v for k, v in c["models"].items() if not k.startswith("llm_") and k != "device"},
-           "task": c["task"], "eval": c["eval"], "router": digest, "runs": runs}
+    key = {"models": {k: v for k, v in c["models"].items() if not k.startswith("llm_")}, "task": c["task"],
+           "eval": c["eval"], "decode": c["decode"], "router": digest, "runs": runs}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 BASELINES = ("slm", "llm", "random", "confidence", "query", "speculative")  # the router's points aside
 
 
-def assemble(cfg: Config, parts: list[dict[str, dict[str, Any]]], baselines: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]],
+             baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """eval.json's content from the decoded shards (`decode_runs`), and from `baselines` for
     every method but the router when given: points, AUCs, accuracy at 10/20/30% LLM tokens, and
     the LLM calls each method needs to reach the LLM's accuracy minus 1 point."""
     methods = set(cfg.eval.methods)
     merged = merge_parts(parts)
     if baselines is None:
-        slm_acc, llm_acc = merged["slm"][0]["accuracy"], merged["llm"][0]["accuracy"]
-        points = [run[0] for label, run in merged.items() if run[0]["method"] in methods]
+        single = {run[0]["method"]: run for run in merged.values() if run[0]["method"] in ("slm", "llm")}
+        slm_acc, llm_acc = single["slm"][0]["accuracy"], single["llm"][0]["accuracy"]
+        points = [run[0] for run in merged.values() if run[0]["method"] in methods]
         if "query" in methods:
-            points += query_points(merged["slm"], merged["llm"], cfg.eval.query_fractions)
+            points += query_points(single["slm"], single["llm"], cfg.eval.query_fractions)
     else:
         slm_acc, llm_acc = baselines["slm_accuracy"], baselines["llm_accuracy"]
         points = [p for p in baselines["points"] if p["method"] in BASELINES and p["method"] in methods]
         points += [run[0] for run in merged.values()]
     points.sort(key=lambda p: (EVAL_METHODS.index(p["method"]), p["threshold"] or 0.0))
-    n = points[0]["n"] if points else 0
     swept = sorted({p["method"] for p in points} - {"slm", "llm", "speculative"})
     auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
     at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
                     for r in (0.1, 0.2, 0.3)} for m in swept}
-    return {"n_examples": n, "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
+    return {"n_examples": n_examples, "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
             "auc": auc, "accuracy_at_llm_ratio": at_ratio, **headline(points, swept, slm_acc, llm_acc)}
 
 
@@ -345,7 +349,7 @@ def evaluate_methods(pair: ModelPair, router: Router | None, examples: list[Exam
     """Every configured method in this process, on loaded models: what one evaluation actor does
     for its shard, over all `examples` at once."""
     runs = planned_runs(cfg, router is not None, baselines)
-    return assemble(cfg, [decode_runs(pair, router, examples, cfg, runs)], baselines)
+    return assemble(cfg, len(examples), [decode_runs(pair, router, examples, cfg, runs)], baselines)
 
 
 def plot_curve(result: dict[str, Any], path: str | Path) -> None:

@@ -124,8 +124,19 @@ def load_model(name: str, cfg: ModelsConfig, device_map: str | dict | None = Non
     return model.to(resolve_device(cfg.device)).eval()
 
 
-def llm_placement(cfg: ModelsConfig, device_map: str | dict) -> dict:
-    """from_pretrained's placement arguments for `models.llm_device_map`, checked."""
+def check_pair(cfg: ModelsConfig) -> None:
+    """What can be checked of a pair without loading either model: both names, one shared
+    tokenizer, the LLM's placement settings. A driver checks this before its actors load the pair,
+    so that a bad pair is one clear error and not an actor's failure."""
+    check_same_tokenizer(load_tokenizer(cfg.slm, cfg.trust_remote_code), load_tokenizer(cfg.llm, cfg.trust_remote_code),
+                         (cfg.slm, cfg.llm))
+    if cfg.llm_device_map is not None:
+        llm_placement(cfg, cfg.llm_device_map, here=False)
+
+
+def llm_placement(cfg: ModelsConfig, device_map: str | dict, here: bool = True) -> dict:
+    """from_pretrained's placement arguments for `models.llm_device_map`, checked (GPU indices
+    against the GPUs visible `here`, unless the check runs elsewhere than the loading)."""
     if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
         raise CiterError(f"models.llm_device_map: {device_map!r} is not one of {', '.join(DEVICE_MAPS)} "
                          "or a {module: device} mapping")
@@ -134,7 +145,7 @@ def llm_placement(cfg: ModelsConfig, device_map: str | dict) -> dict:
         for module, d in device_map.items():
             if not (isinstance(d, int) or d in ("cpu", "disk")):
                 raise CiterError(f"models.llm_device_map.{module}: {d!r} is not a GPU index, 'cpu' or 'disk'")
-            if isinstance(d, int) and d >= torch.cuda.device_count():
+            if here and isinstance(d, int) and d >= torch.cuda.device_count():
                 raise CiterError(f"models.llm_device_map.{module}: GPU {d} is not visible "
                                  f"({torch.cuda.device_count()} GPUs here)")
         if "disk" in device_map.values() and not cfg.llm_offload_folder:

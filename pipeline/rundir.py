@@ -8,6 +8,7 @@
       iter-NNN/collect/  labelled shards + _DONE
       iter-NNN/train/    Ray Train / DeepSpeed checkpoints + _DONE
       iter-NNN/router/   the iteration's router
+      iter-NNN/eval-parts/ each evaluation shard's decodes (eval.json is made from them)
       iter-NNN/eval.json, curve.png
       iter-NNN/_DONE     the iteration's convergence metrics, written last
 
@@ -210,6 +211,15 @@ def quiet_embedded_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def no_gpu_deepspeed() -> None:
+    """Tell DeepSpeed to use the CPU where no GPU is visible (`DS_ACCELERATOR=cpu`, unless set): left
+    to find out, it warns in every process that imports it that it found no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
     import ray
@@ -222,10 +232,7 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if not address:
-        import torch
-
-        if not torch.cuda.is_available():  # DeepSpeed warns in every process that finds no GPU unless told
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        no_gpu_deepspeed()
         told = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
         kwargs.update(include_dashboard=False,
                       runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env(), **told},

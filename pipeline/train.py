@@ -40,7 +40,16 @@ from pipeline import CiterError
 from pipeline.collect import read_rows
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, ensure_ray, iteration_dir, router_dir
+from pipeline.rundir import (
+    DONE,
+    TRAIN_DIR,
+    check_run_config,
+    collect_dir,
+    ensure_ray,
+    iteration_dir,
+    no_gpu_deepspeed,
+    router_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def check_deepspeed_config(ds_config: dict[str, Any]) -> None:
     """Let DeepSpeed parse the config now, so a bad section fails here and not in every worker."""
+    no_gpu_deepspeed()
     from deepspeed.runtime.config import DeepSpeedConfig
 
     probe = {k: v for k, v in ds_config.items() if k != "train_batch_size"}  # depends on the world size

@@ -1,8 +1,16 @@
 """Progress outside a terminal: one log line per interval, a last line when the work stopped short."""
 
 import logging
+import sys
+
+import pytest
 
 from pipeline.progress import Progress
+
+
+@pytest.fixture(autouse=True)
+def not_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # as in a Ray job's log, even under `pytest -s`
 
 
 def lines(caplog) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.submit import LOCAL_PATH_ENV, runtime_env, submit
-from tests.conftest import DEMO_CONFIG, ROOT, run_citer
+from tests.conftest import DEMO_CONFIG, ROOT, citer_env, run_citer
 
 BIN = Path(sys.executable).parent
 
@@ -77,7 +77,7 @@ def test_the_driver_of_a_gpu_config_reserves_no_gpu(fake_client, monkeypatch):
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 whose jobs find this environment's `python` first on PATH."""
     port, dashboard = free_port(), free_port()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    env = citer_env(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                             f"--object-store-memory={300 * 2**20}", "--disable-usage-stats"],
