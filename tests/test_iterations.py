@@ -14,9 +14,10 @@ from pipeline.tracking import read_metrics_records
 from tests.conftest import DEMO_CONFIG, ROOT
 
 SMALL = ["collect.n_examples=480", "collect.shard_size=120", "collect.num_actors=2", "train.epochs=6",
-         "train.patience=10", "eval.n_examples=200", "eval.thresholds=[0.8,0.9,0.95,0.98,0.99,0.995,0.999]",
-         "eval.random_ratios=[0.1,0.3,0.6]", "eval.confidence_thresholds=[0.8,0.95,0.99]",
-         "eval.query_fractions=[0.3]", "loop.iterations=3"]
+         "train.patience=10", "eval.n_examples=200", "eval.shard_size=100",
+         "eval.thresholds=[0.8,0.9,0.95,0.98,0.99,0.995,0.999]",
+         "eval.random_ratios=[0.1,0.3,0.6]", "eval.query_fractions=[0.3]", "loop.iterations=3",
+         "eval.methods=[slm,llm,router,random,query]"]  # confidence routing is compared at `make demo`'s scale
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def runs(local_ray, demo_world, tmp_path_factory):
     os.chdir(ROOT)
     base = tmp_path_factory.mktemp("iterations")
     run_loop(load_config(DEMO_CONFIG, SMALL), base / "rollout")
-    run_loop(load_config(DEMO_CONFIG, [*SMALL, "collect.case3_labels=llm", "loop.iterations=1"]), base / "myopic")
+    run_loop(load_config(DEMO_CONFIG, [*SMALL, "collect.case3_labels=llm", "loop.iterations=1",
+                                       "eval.methods=[slm,llm,router]"]), base / "myopic")  # its router is all it needs
     return base
 
 

@@ -85,10 +85,10 @@ def test_router_beats_the_majority_rate_and_random_routing(labelled, tmp_path):
     assert val_accuracy(run, router_dir) == pytest.approx(best["val_accuracy"], abs=1e-9)
     assert json.loads((iteration_dir(run, 0) / TRAIN_DIR / "_DONE").read_text())["best_epoch"] == best["epoch"]
 
-    ecfg = config("eval.n_examples=150", "eval.methods=[router,random]", "eval.thresholds=[0.5,0.8,0.95]",
+    ecfg = config("eval.n_examples=100", "eval.methods=[router,random]", "eval.thresholds=[0.5,0.8,0.95]",
                   "eval.random_ratios=[0.1,0.3,0.6]")
     pair = load_pair(ecfg.models)
-    examples = load_examples(ecfg.task, "eval", limit=150)
+    examples = load_examples(ecfg.task, "eval", limit=100)
     result = evaluate_methods(pair, saved.router, examples, ecfg)
     assert result["auc"]["router"] > result["auc"]["random"] + 0.1
 
