@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ import pyarrow.parquet as pq
 from pipeline import CiterError
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_write_json, atomic_writer
-from pipeline.progress import Progress
-from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, ensure_ray, router_dir, shard_path
+from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path, shards_on_actors
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
@@ -240,28 +238,10 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     labelled = 0
     if todo:
-        import ray.data
-
-        ensure_ray()
         items = [{"shard": k, "examples": json.dumps([ex.__dict__ for ex in shards[k]])} for k in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            TokenLabeler,
-            fn_constructor_kwargs={"config": cfg.to_dict(), "run": str(run), "iteration": iteration,
-                                   "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(todo))),
-            batch_size=1,
-            num_cpus=cfg.collect.num_cpus_per_actor,
-            num_gpus=cfg.collect.num_gpus_per_actor,
-            # Ray Data restarts a dead labelling actor unless told not to, and Ray logs an error line
-            # for that setting at each start. On an embedded Ray an actor dies only of its machine's
-            # trouble (memory), which a restart meets again; a rerun resumes from the finished shards.
-            **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
-        )
-        with Progress(len(todo), f"collect iteration {iteration}", unit="shard") as bar:
-            for r in ds.iter_rows():
-                labelled += r["rows"]
-                bar.update()
+        constructor = {"config": cfg.to_dict(), "run": str(run), "iteration": iteration}
+        for row in shards_on_actors(TokenLabeler, items, constructor, cfg, f"collect iteration {iteration}"):
+            labelled += row["rows"]
     seconds = time.perf_counter() - t0
     files = sorted(out_dir.glob("part-*.parquet"))
     counted = [pq.read_schema(f).metadata or {} for f in files]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ from pipeline.decoding import (
 )
 from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_token, load_pair
-from pipeline.progress import Progress
 from pipeline.router import WEIGHTS, Router, load_router
-from pipeline.rundir import EVAL_PARTS, ensure_ray
+from pipeline.rundir import EVAL_PARTS, shards_on_actors
 from pipeline.tasks import Example, extract_answer, load_examples
 
 log = logging.getLogger(__name__)
@@ -261,31 +259,20 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     signature = eval_signature(cfg, router_dir, runs)
     size = cfg.eval.shard_size
     shards = [examples[i:i + size] for i in range(0, len(examples), size)]
-    todo = [k for k in range(len(shards)) if read_part(parts, k, signature) is None]
+    decoded = {k: read_part(parts, k, signature) if runs else {} for k in range(len(shards))}
+    todo = [k for k, part in decoded.items() if part is None]
     log.info("evaluating on %d held-out examples from %s: %d decodes each, %d shards of %d, %d to decode",
              len(examples), cfg.task.eval_path, len(runs), len(shards), size, len(todo))
-    if todo and runs:
-        import ray.data
-
-        ensure_ray()
+    if todo:
         items = [{"shard": k, "first_row": k * size, "examples": json.dumps([ex.__dict__ for ex in shards[k]])}
                  for k in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            EvalDecoder,
-            fn_constructor_kwargs={"config": cfg.to_dict(), "router": str(router_dir) if router_dir else None,
-                                   "parts": str(parts), "runs": runs, "signature": signature,
-                                   "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(todo))),
-            batch_size=1, num_cpus=cfg.collect.num_cpus_per_actor, num_gpus=cfg.collect.num_gpus_per_actor,
-            **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),  # as in collect
-        )
-        with Progress(len(todo), "evaluate", unit="shard") as bar:
-            for _ in ds.iter_rows():
-                bar.update()
-    decoded = [read_part(parts, k, signature) if runs else {} for k in range(len(shards))]
-    if any(d is None for d in decoded):
+        constructor = {"config": cfg.to_dict(), "router": str(router_dir) if router_dir else None,
+                       "parts": str(parts), "runs": runs, "signature": signature}
+        for row in shards_on_actors(EvalDecoder, items, constructor, cfg, "evaluate"):
+            decoded[int(row["shard"])] = read_part(parts, int(row["shard"]), signature)
+    if any(d is None for d in decoded.values()):
         raise CiterError(f"{parts}: a shard's decodes are missing after the evaluation ran; run it again")
-    result = assemble(cfg, len(examples), decoded, baselines)
+    result = assemble(cfg, len(examples), list(decoded.values()), baselines)
     plot_curve(result, out / "curve.png")
     atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
     log.info("wrote %s and %s", out / "eval.json", out / "curve.png")

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline import CiterError
 from pipeline.config import Config
 from pipeline.io import atomic_write_json
+from pipeline.progress import Progress
 
 DONE = "_DONE"
 RUN_JSON = "run.json"
@@ -240,3 +242,29 @@ def ensure_ray() -> None:
         if os.environ.get("CITER_OBJECT_STORE_BYTES"):
             kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
     ray.init(address=address, **kwargs)
+
+
+def shards_on_actors(actor: type, items: list[dict[str, Any]], constructor: dict[str, Any], cfg: Config,
+                     desc: str) -> Iterator[dict[str, Any]]:
+    """Run `actor` (a Ray Data callable class) over `items`, one item a task, on a pool of
+    `collect.num_actors` actors with the collect stage's CPUs and GPUs each, showing progress per
+    item; yield each item's output row as it completes. Used by collect and evaluate."""
+    import ray.data
+
+    ensure_ray()
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        actor,
+        fn_constructor_kwargs={**constructor, "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(items))),
+        batch_size=1,
+        num_cpus=cfg.collect.num_cpus_per_actor,
+        num_gpus=cfg.collect.num_gpus_per_actor,
+        # Ray Data restarts a dead actor unless told not to, and Ray logs an error line for that
+        # setting at each start. On an embedded Ray an actor dies only of its machine's trouble
+        # (memory), which a restart meets again; a rerun resumes from the finished shards.
+        **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
+    )
+    with Progress(len(items), desc, unit="shard") as bar:
+        for row in ds.iter_rows():
+            bar.update()
+            yield row
