@@ -1,9 +1,11 @@
-"""Cluster files: the launcher passes Ray's own config checks, the KubeRay manifests a hand-written schema, the
+"""Cluster files: the launcher passes Ray's own config checks, the KubeRay manifests KubeRay v1.7.0's CRD schemas, the
 shell commands run the VMs do what they say, and the shipped GPU configs fit the GPUs the cluster files provide.
 Nothing here calls AWS, Kubernetes or the network."""
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import re
 import shlex
@@ -20,13 +22,13 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.config import Config, load_config
-from pipeline.submit import EXCLUDES, SECRET_ENV, describe, runtime_env
+from pipeline.submit import EXCLUDES, describe, runtime_env
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
 IMAGE_TAG = re.compile(r"^REGISTRY/citer:[\w.]+-ray(?P<ray>[\d.]+)$")
-# Hand-written for the fields the manifests use, NOT KubeRay's CRDs (none could be had offline): see its $comment.
-KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1-minimal-schema.json"
+# The RayCluster and RayJob CRDs' OpenAPI schemas of the KubeRay release the manifests target (tests/data/README.md).
+KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1.7.0-crd-schemas.json.gz"
 GPU_CONFIGS = ("gsm8k-qwen2.yaml", "csqa-llama3.yaml")
 SECRET_KEYS = {"WANDB_API_KEY": "wandb-api-key", "HF_TOKEN": "hf-token"}  # env name -> key in citer-secrets
 BASH = shutil.which("bash")
@@ -69,10 +71,37 @@ def launcher() -> dict:
     return yaml.safe_load((CLUSTER / "launcher-aws.yaml").read_text())
 
 
+@functools.cache
+def crd_schemas() -> dict[str, dict]:
+    return json.loads(gzip.decompress(KUBERAY_SCHEMA.read_bytes()))
+
+
+def unknown_fields(node: Any, schema: dict, path: str = "") -> list[str]:
+    """Keys the schema does not declare: the API server prunes them silently, and `kubectl apply
+    --validate=strict` refuses them; a misspelt or misplaced key is one."""
+    if isinstance(node, list) and "items" in schema:
+        return [e for i, item in enumerate(node) for e in unknown_fields(item, schema["items"], f"{path}/{i}")]
+    if not isinstance(node, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    props, extra = schema.get("properties"), schema.get("additionalProperties")
+    errors = []
+    for key, value in node.items():
+        if props is not None and key in props:
+            errors += unknown_fields(value, props[key], f"{path}/{key}")
+        elif isinstance(extra, dict):
+            errors += unknown_fields(value, extra, f"{path}/{key}")
+        elif props is not None and key not in ("apiVersion", "kind", "metadata"):
+            errors.append(f"{path}/{key}: unknown field")
+    return errors
+
+
 def schema_errors(doc: dict) -> list[str]:
-    definitions = json.loads(KUBERAY_SCHEMA.read_text())["definitions"]
-    validator = jsonschema.Draft7Validator({"definitions": definitions, "$ref": f"#/definitions/{doc['kind']}"})
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    """Errors of a manifest against its kind's CRD schema: types, enums, required fields (JSON
+    Schema, which ignores the `x-kubernetes-*` extensions), plus unknown fields."""
+    schema = crd_schemas()[doc["kind"]]
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)] + \
+        unknown_fields(doc, schema)
 
 
 def run_bash(command: str, tmp_path: Path, path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -195,7 +224,7 @@ def test_launcher_secrets_come_from_ssm_into_the_containers_env_file(tmp_path):
     env_file = re.search(r"--env-file\s+(\S+)", options).group(1)
     home = f"/home/{config['auth']['ssh_user']}/"
     fetch = next(c for c in config["initialization_commands"] if "aws ssm" in c)
-    assert all(f"/citer/{k}" in fetch for k in SECRET_ENV)
+    assert all(f"/citer/{k}" in fetch for k in SECRET_KEYS)  # S3 access comes from the instance role
     bin_dir = tmp_path / "bin"
     fake_tool(bin_dir, "aws", r'printf "/citer/HF_TOKEN\thf_x\n/citer/WANDB_API_KEY\tw_y\n"')
     fake_tool(bin_dir, "sed", f'exec {shutil.which("sed")} "$@"')
@@ -222,16 +251,19 @@ def test_launcher_checks_the_gpu_driver_for_torchs_cuda(tmp_path, answer, code):
 # KubeRay
 
 
-def test_kuberay_manifests_match_the_hand_written_minimal_schema():
+def test_kuberay_manifests_match_the_crd_schemas_of_kuberay_v1_7_0():
+    kinds = {d["kind"] for ds in kuberay_docs().values() for d in ds}
+    assert set(crd_schemas()) == {"RayCluster", "RayJob"} and kinds == {"RayCluster", "RayJob", "PersistentVolumeClaim"}
     for name, docs in kuberay_docs().items():
         for doc in docs:
-            assert not schema_errors(doc), (name, schema_errors(doc))
+            if doc["kind"] in crd_schemas():  # the claim is core Kubernetes, not KubeRay's
+                assert not schema_errors(doc), (name, schema_errors(doc))
     for spec in cluster_specs().values():
         for group in spec["workerGroupSpecs"]:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
-def test_the_minimal_schema_catches_typical_mistakes():
+def test_the_crd_schemas_catch_typical_mistakes():
     doc = kuberay_docs()["raycluster.yaml"][0]
     broken = json.loads(json.dumps(doc))
     broken["spec"]["workerGroupSpec"] = broken["spec"].pop("workerGroupSpecs")
