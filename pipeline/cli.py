@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pipeline import CiterError, __version__
 from pipeline.config import Config, DemoConfig, load_config
+from pipeline.rundir import check_storage, default_run_dir
 from pipeline.runlock import RunLock
+from pipeline.storage import run_path
 
 log = logging.getLogger("citer")
 
@@ -64,7 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import format_table, run_eval
 
     cfg = load_job_config(args.config, args.overrides)
-    out = Path(args.out or Path(cfg.storage) / cfg.name / "eval")
+    out = run_path(args.out) if args.out else default_run_dir(cfg) / "eval"
+    check_storage(out)
     result = run_eval(cfg, out, router_dir=args.router)
     print(format_table(result))
     print(f"wrote {out / 'eval.json'} and {out / 'curve.png'}")
@@ -75,6 +77,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from pipeline.rundir import collect_dir
 
     cfg = load_job_config(args.config, args.overrides)
+    check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer collect"):
         summary = run_collect(cfg, args.run, args.iteration)
     cases = summary["cases"]
@@ -94,6 +97,7 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
     from pipeline.train import fit_router
 
     cfg = load_job_config(args.config, args.overrides)
+    check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer fit-router"):
         summary = fit_router(cfg, args.run, args.iteration)
     best = summary["best"]
@@ -110,11 +114,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pipeline.convergence import convergence_table
     from pipeline.evaluate import format_table
     from pipeline.loop import run_loop
-    from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, default_run_dir, iteration_dir, router_dir
+    from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, iteration_dir, router_dir
     from pipeline.tracking import read_metrics_records
 
     cfg = load_job_config(args.config, args.overrides)
-    run = Path(args.run) if args.run else default_run_dir(cfg)
+    run = run_path(args.run) if args.run else default_run_dir(cfg)
+    check_storage(run)
     with RunLock(run, force=args.force, command="citer train"):
         result = run_loop(cfg, run)
     last = cfg.loop.iterations - 1

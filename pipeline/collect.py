@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from pipeline import CiterError
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path, shards_on_actors
+from pipeline.storage import StoragePath, arrow_source, location_text, run_path
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class TokenLabeler:
 
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(Config, config, source=f"{run}/{RUN_JSON}")
-        self.run, self.iteration = Path(run), iteration
+        self.run, self.iteration = run_path(run), iteration
         self.pair = load_pair(self.cfg.models)
         if iteration == 0:
             self.policy = SLMOnly()
@@ -152,25 +152,25 @@ class TokenLabeler:
 # The stage
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
     """One labelled shard; a file that does not read as Parquet is named in the error."""
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(arrow_source(path), columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise CiterError(f"{path}: damaged labelled shard ({e}); rerun the collect stage (or `citer train`) "
                          "to label it again") from None
 
 
-def shard_reads(path: Path) -> bool:
+def shard_reads(path: StoragePath) -> bool:
     """Whether a shard's Parquet footer reads (a killed copy or a truncated file does not)."""
     try:
-        pq.read_metadata(path)
+        pq.read_metadata(arrow_source(path))
         return True
     except (pa.ArrowException, OSError):
         return False
 
 
-def read_rows(run: str | Path, iteration: int, columns: list[str] | None = None) -> pa.Table:
+def read_rows(run: str | StoragePath, iteration: int, columns: list[str] | None = None) -> pa.Table:
     """All complete shards of an iteration's collect stage, as one table sorted by (example, position)."""
     directory = collect_dir(run, iteration)
     files = sorted(directory.glob("part-*.parquet"))
@@ -202,9 +202,9 @@ def check_lengths(cfg: Config, examples: list[Example]) -> None:
             raise CiterError(f"{cfg.task.train_path}: {e}; shorten or drop that row") from None
 
 
-def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
+def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
     """Label the training examples for `iteration` into Parquet shards; return the summary in _DONE."""
-    run = Path(run)
+    run = run_path(run)
     out_dir = collect_dir(run, iteration)
     done = out_dir / DONE
     if done.is_file():
@@ -239,12 +239,12 @@ def run_collect(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     labelled = 0
     if todo:
         items = [{"shard": k, "examples": json.dumps([ex.__dict__ for ex in shards[k]])} for k in todo]
-        constructor = {"config": cfg.to_dict(), "run": str(run), "iteration": iteration}
+        constructor = {"config": cfg.to_dict(), "run": location_text(run), "iteration": iteration}
         for row in shards_on_actors(TokenLabeler, items, constructor, cfg, f"collect iteration {iteration}"):
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
     files = sorted(out_dir.glob("part-*.parquet"))
-    counted = [pq.read_schema(f).metadata or {} for f in files]
+    counted = [pq.read_schema(arrow_source(f)).metadata or {} for f in files]
     dropped = sum(int(m.get(b"case3_dropped", b"0")) for m in counted)
     unfinished = sum(int(m.get(b"rollouts_unfinished", b"0")) for m in counted)
     table = read_rows(run, iteration, columns=["case", "label"])

@@ -222,7 +222,7 @@ class Config:
 
     name: str = "citer-run"
     seed: int = 0
-    storage: str = "runs"  # parent of run directories (a local or shared path); the run is STORAGE/NAME
+    storage: str = "runs"  # parent of run dirs: a local path, or s3://, gs://, any pyarrow URI; run = STORAGE/NAME
     models: ModelsConfig
     task: TaskConfig
     demo: DemoConfig | None = None  # when set, commands build the demo world first if absent

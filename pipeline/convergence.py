@@ -9,10 +9,10 @@ converged shows flips falling to 0, agreement rising to 1, and the router's figu
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline.io import atomic_writer
+from pipeline.storage import StoragePath
 
 METHODS = ("router", "confidence", "random", "query")
 
@@ -49,7 +49,7 @@ def _calls(value: float | None, evaluated: bool) -> str:
     return "not reached" if value is None else f"{100 * value:.1f}%"
 
 
-def plot_convergence(records: list[dict[str, Any]], path: str | Path) -> None:
+def plot_convergence(records: list[dict[str, Any]], path: str | StoragePath) -> None:
     """Three panels against the iteration: label flips and router agreement; LLM calls needed to
     reach the LLM's accuracy minus 1 point; AUC. Baselines do not depend on the router: they are
     drawn dashed."""

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 from pipeline import CiterError
@@ -33,6 +32,7 @@ from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_token, load_pair
 from pipeline.router import WEIGHTS, Router, load_router
 from pipeline.rundir import EVAL_PARTS, shards_on_actors
+from pipeline.storage import StoragePath, location_text, run_path
 from pipeline.tasks import Example, extract_answer, load_examples
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class EvalDecoder:
         self.pair = load_pair(self.cfg.models)
         self.router = load_router(router, expected_input_size=self.pair.hidden_size,
                                   device=self.pair.device).router if router else None
-        self.parts, self.runs, self.signature = Path(parts), runs, signature
+        self.parts, self.runs, self.signature = run_path(parts), runs, signature
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"shard": []}
@@ -225,11 +225,11 @@ class EvalDecoder:
         return out
 
 
-def part_path(parts: Path, shard: int) -> Path:
+def part_path(parts: StoragePath, shard: int) -> StoragePath:
     return parts / f"part-{shard:05d}.json"
 
 
-def read_part(parts: Path, shard: int, signature: str) -> dict[str, dict[str, Any]] | None:
+def read_part(parts: StoragePath, shard: int, signature: str) -> dict[str, dict[str, Any]] | None:
     """A shard's decodes, or None when it is missing, damaged or from another evaluation (another
     config, router or plan): then it is decoded again."""
     try:
@@ -239,7 +239,7 @@ def read_part(parts: Path, shard: int, signature: str) -> dict[str, dict[str, An
         return None
 
 
-def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = None,
+def run_eval(cfg: Config, out_dir: str | StoragePath, router_dir: str | StoragePath | None = None,
              baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the configured methods on the held-out split over an actor pool of the collect
     stage's size and resources (`collect.num_actors`, CPUs and GPUs per actor), `eval.shard_size`
@@ -251,7 +251,7 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     if router_dir:
         check_router_fits(cfg, router_dir)
     runs = planned_runs(cfg, router_dir is not None, baselines)
-    out = Path(out_dir)
+    out = run_path(out_dir)
     parts = out / EVAL_PARTS
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".part-*.tmp"):  # a killed writer's
@@ -266,8 +266,8 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     if todo:
         items = [{"shard": k, "first_row": k * size, "examples": json.dumps([ex.__dict__ for ex in shards[k]])}
                  for k in todo]
-        constructor = {"config": cfg.to_dict(), "router": str(router_dir) if router_dir else None,
-                       "parts": str(parts), "runs": runs, "signature": signature}
+        constructor = {"config": cfg.to_dict(), "router": location_text(run_path(router_dir)) if router_dir else None,
+                       "parts": location_text(parts), "runs": runs, "signature": signature}
         for row in shards_on_actors(EvalDecoder, items, constructor, cfg, "evaluate"):
             decoded[int(row["shard"])] = read_part(parts, int(row["shard"]), signature)
     if any(d is None for d in decoded.values()):
@@ -279,7 +279,7 @@ def run_eval(cfg: Config, out_dir: str | Path, router_dir: str | Path | None = N
     return result
 
 
-def check_router_fits(cfg: Config, router_dir: str | Path) -> None:
+def check_router_fits(cfg: Config, router_dir: str | StoragePath) -> None:
     """Refuse, before any actor starts, a router built for another SLM (its config names the input
     size; the SLM's config.json its hidden size: neither model is loaded here)."""
     from transformers import AutoConfig
@@ -288,13 +288,13 @@ def check_router_fits(cfg: Config, router_dir: str | Path) -> None:
     load_router(router_dir, expected_input_size=hidden)
 
 
-def eval_signature(cfg: Config, router_dir: str | Path | None, runs: list[list]) -> str:
+def eval_signature(cfg: Config, router_dir: str | StoragePath | None, runs: list[list]) -> str:
     """What a part file's decodes depend on: the models, task, evaluation and decode settings,
     the router's weights and the planned runs (tokens depend on fewer of them; passes and times on
     these too, so that one eval.json does not mix two settings)."""
     import hashlib
 
-    weights = Path(router_dir) / WEIGHTS if router_dir else None
+    weights = run_path(router_dir) / WEIGHTS if router_dir else None
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights and weights.is_file() else None
     c = cfg.to_dict()
     key = {"models": {k: v for k, v in c["models"].items() if not k.startswith("llm_")}, "task": c["task"],
@@ -339,7 +339,7 @@ def evaluate_methods(pair: ModelPair, router: Router | None, examples: list[Exam
     return assemble(cfg, len(examples), [decode_runs(pair, router, examples, cfg, runs)], baselines)
 
 
-def plot_curve(result: dict[str, Any], path: str | Path) -> None:
+def plot_curve(result: dict[str, Any], path: str | StoragePath) -> None:
     """Accuracy vs LLM-call ratio, one line per method, the single models marked."""
     import matplotlib
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from pipeline.rundir import (
     update_run_record,
 )
 from pipeline.runlock import read_lock
+from pipeline.storage import StoragePath, run_path
 from pipeline.tracking import Tracker, read_metrics_records
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Convergence evidence
 
 
-def label_flips(run: Path, iteration: int) -> dict[str, Any]:
+def label_flips(run: StoragePath, iteration: int) -> dict[str, Any]:
     """Case-3 (rollout) labels that changed since the previous iteration, over the same tokens."""
     now = read_rows(run, iteration, columns=["case", "label"])
     before = read_rows(run, iteration - 1, columns=["case", "label"])
@@ -55,7 +55,7 @@ def label_flips(run: Path, iteration: int) -> dict[str, Any]:
     return {"case3_flips": int(flipped.sum()), "case3_flip_share": float(flipped.sum() / max(1, case3.sum()))}
 
 
-def router_agreement(cfg: Config, run: Path, iteration: int) -> float:
+def router_agreement(cfg: Config, run: StoragePath, iteration: int) -> float:
     """Share of the held-out (validation) tokens' SLM states on which this iteration's router and
     the previous one make the same call (P(SLM is enough) >= 0.5)."""
     import torch
@@ -70,7 +70,7 @@ def router_agreement(cfg: Config, run: Path, iteration: int) -> float:
     return float((keep[0] == keep[1]).mean())
 
 
-def iteration_metrics(cfg: Config, run: Path, iteration: int, collect: dict, train: dict, result: dict,
+def iteration_metrics(cfg: Config, run: StoragePath, iteration: int, collect: dict, train: dict, result: dict,
                       eval_seconds: float) -> dict[str, Any]:
     """The flat per-iteration record for metrics.jsonl and W&B."""
     rows = max(1, collect["rows"])
@@ -118,7 +118,7 @@ def iteration_metrics(cfg: Config, run: Path, iteration: int, collect: dict, tra
 # The loop
 
 
-def evaluate_iteration(cfg: Config, run: Path, iteration: int) -> tuple[dict[str, Any], float]:
+def evaluate_iteration(cfg: Config, run: StoragePath, iteration: int) -> tuple[dict[str, Any], float]:
     """The iteration's eval.json (decoded now unless already there) and the seconds it took."""
     from pipeline.evaluate import run_eval
 
@@ -134,11 +134,11 @@ def evaluate_iteration(cfg: Config, run: Path, iteration: int) -> tuple[dict[str
     return result, time.perf_counter() - t0
 
 
-def run_loop(cfg: Config, run: str | Path | None = None) -> dict[str, Any]:
+def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any]:
     """Run (or resume) every iteration; return the last iteration's eval result."""
     from pipeline.train import fit_router
 
-    run = Path(run) if run is not None else default_run_dir(cfg)
+    run = run_path(run) if run is not None else default_run_dir(cfg)
     check_run_config(cfg, run)
     tracker = Tracker(cfg, run)
     result: dict[str, Any] = {}
@@ -172,9 +172,9 @@ def run_loop(cfg: Config, run: str | Path | None = None) -> dict[str, Any]:
 # Status
 
 
-def run_status(run: str | Path) -> str:
+def run_status(run: str | StoragePath) -> str:
     """Where a run stands, stage by stage, as text."""
-    run = Path(run)
+    run = run_path(run)
     record = read_run_record(run)
     if record is None:
         raise CiterError(f"{run}: not a citer run directory (no run.json)")

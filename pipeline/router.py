@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from pipeline import CiterError
 from pipeline.io import atomic_write_text, atomic_writer
+from pipeline.storage import ObjectPath, StoragePath, run_path
 
 WEIGHTS, CONFIG = "router.safetensors", "config.json"
 
@@ -72,7 +73,7 @@ class SavedRouter:
 
 def save_router(router: Router, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write `router.safetensors` then `config.json` (each via a temporary name and a rename)."""
-    directory = Path(directory)
+    directory = run_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in router.state_dict().items()}
     with atomic_writer(directory / WEIGHTS) as tmp:
@@ -87,7 +88,7 @@ def load_router(directory: str | Path, expected_input_size: int | None = None,
                 device: str | torch.device = "cpu") -> SavedRouter:
     """Load a router saved by `save_router`, in eval mode; refuse one whose input size does
     not match `expected_input_size` (the SLM's hidden size)."""
-    directory = Path(directory)
+    directory = run_path(directory)
     cfg_path, weights = directory / CONFIG, directory / WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise CiterError(f"{directory}: not a router directory (expected {CONFIG} and {WEIGHTS})")
@@ -102,15 +103,21 @@ def load_router(directory: str | Path, expected_input_size: int | None = None,
             f"size is {expected_input_size}; it was trained for another SLM"
         )
     router = Router(spec)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
-        raise CiterError(f"{weights}: damaged router weights ({type(e).__name__}: {e})") from None
+    state = read_weights(weights, "router")
     try:
         router.load_state_dict(state)
     except RuntimeError as e:
         raise CiterError(f"{weights}: weights do not fit the shape in {CONFIG}: {e}") from None
     return SavedRouter(router=router.to(device).eval(), meta=saved.get("meta", {}))
+
+
+def read_weights(path: str | StoragePath, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or damaged file is a one-line CiterError."""
+    path = run_path(path)
+    try:
+        return load(path.read_bytes()) if isinstance(path, ObjectPath) else load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
+        raise CiterError(f"{path}: damaged or missing {what} weights ({type(e).__name__}: {e})") from None
 
 
 def router_spec(input_size: int, cfg: Any) -> RouterSpec:

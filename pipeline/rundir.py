@@ -30,6 +30,7 @@ from pipeline import CiterError
 from pipeline.config import Config
 from pipeline.io import atomic_write_json
 from pipeline.progress import Progress
+from pipeline.storage import ObjectPath, StoragePath, check_reachable, run_path
 
 DONE = "_DONE"
 RUN_JSON = "run.json"
@@ -51,24 +52,24 @@ RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "
 # Paths
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path(cfg.storage) / cfg.name
+def default_run_dir(cfg: Config) -> StoragePath:
+    return run_path(cfg.storage) / cfg.name
 
 
-def iteration_dir(run: str | Path, iteration: int) -> Path:
-    return Path(run) / f"iter-{iteration:03d}"
+def iteration_dir(run: str | StoragePath, iteration: int) -> StoragePath:
+    return run_path(run) / f"iter-{iteration:03d}"
 
 
-def collect_dir(run: str | Path, iteration: int) -> Path:
+def collect_dir(run: str | StoragePath, iteration: int) -> StoragePath:
     return iteration_dir(run, iteration) / "collect"
 
 
-def router_dir(run: str | Path, iteration: int) -> Path:
+def router_dir(run: str | StoragePath, iteration: int) -> StoragePath:
     """Where an iteration's trained router is exported (the decoder's format)."""
     return iteration_dir(run, iteration) / "router"
 
 
-def shard_path(directory: Path, shard: int) -> Path:
+def shard_path(directory: StoragePath, shard: int) -> StoragePath:
     return directory / f"part-{shard:05d}.parquet"
 
 
@@ -173,7 +174,8 @@ RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_P
 # are cached. Ray jobs get them less the local paths (submit.LOCAL_PATH_ENV). API keys are not
 # among them (see submit.SECRET_ENV).
 FORWARDED_ENV = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR",
-                 "HF_HOME", "HF_HUB_OFFLINE")
+                 "HF_HOME", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                 "CITER_SHARED_STORAGE")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -236,12 +238,37 @@ def ensure_ray() -> None:
     if not address:
         no_gpu_deepspeed()
         told = {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}
+        # Ray warns once a node has 4x its worker start concurrency (= its CPUs) of Python workers
+        # alive. A stage keeps about ten of Ray Data's and Ray Train's helper actors alive (11 measured
+        # on 2 CPUs; a slower 2-CPU CI machine reached 28 with task workers), so on a small machine
+        # the warning fires for a normal stage. 8, Ray's own value on an 8-CPU machine, sets it at 32.
         kwargs.update(include_dashboard=False,
+                      _system_config={"worker_maximum_startup_concurrency": max(8, os.cpu_count() or 1)},
                       runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV, **forwarded_env(), **told},
                                    "worker_process_setup_hook": "pipeline.rundir.quiet_embedded_worker"})
         if os.environ.get("CITER_OBJECT_STORE_BYTES"):
             kwargs["object_store_memory"] = int(os.environ["CITER_OBJECT_STORE_BYTES"])
     ray.init(address=address, **kwargs)
+
+
+def check_storage(run: StoragePath) -> None:
+    """Before any work: a run in an object store whose store answers, or a local run directory on
+    a one-node Ray (on several nodes, actors and training workers elsewhere would write to their
+    own disks). CITER_SHARED_STORAGE=1 declares a local path shared (NFS, EFS mounted alike on
+    every node)."""
+    check_reachable(run)
+    if isinstance(run, ObjectPath) or not os.environ.get("RAY_ADDRESS") or os.environ.get("CITER_SHARED_STORAGE"):
+        return
+    import ray
+
+    ensure_ray()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        raise CiterError(
+            f"{run} is a local path, but the Ray cluster has {nodes} nodes: collect actors and training workers on "
+            "other nodes would write its shards and checkpoints to their own disks. Put the run in shared storage: "
+            "`storage: s3://BUCKET/PREFIX` or `gs://BUCKET/PREFIX` (or a filesystem mounted at the same path on every "
+            "node, such as NFS or EFS, with CITER_SHARED_STORAGE=1)")
 
 
 def shards_on_actors(actor: type, items: list[dict[str, Any]], constructor: dict[str, Any], cfg: Config,

@@ -15,11 +15,11 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from pipeline import CiterError
 from pipeline.io import atomic_write_json
+from pipeline.storage import StoragePath, run_path
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ def lease_seconds() -> float:
     return float(os.environ.get("CITER_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
 
 
-def read_lock(run: Path) -> dict[str, Any] | None:
+def read_lock(run: str | StoragePath) -> dict[str, Any] | None:
     """The lease of a run, or None when nobody holds one (a file that does not read counts as none)."""
     try:
-        return json.loads((Path(run) / LOCK).read_text())
+        return json.loads((run_path(run) / LOCK).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -42,8 +42,8 @@ def read_lock(run: Path) -> dict[str, Any] | None:
 class RunLock:
     """Hold a run directory's lease for the duration of a `with` block."""
 
-    def __init__(self, run: str | Path, *, force: bool = False, command: str = "citer"):
-        self.run, self.force, self.command = Path(run), force, command
+    def __init__(self, run: str | StoragePath, *, force: bool = False, command: str = "citer"):
+        self.run, self.force, self.command = run_path(run), force, command
         self.lease = lease_seconds()
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()

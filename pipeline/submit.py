@@ -3,9 +3,9 @@
 The job's entrypoint is `python jobs/entrypoint.py CONFIG [--run DIR] [overrides]`, run in a copy of
 this working directory (without .git, the virtual environment, the demo world cache or local
 runs) with the W&B and hub settings of the submitting shell, less its paths (LOCAL_PATH_ENV) and
-API keys (SECRET_ENV, only when asked). On a GPU config the driver gets a collect actor's GPUs: the
-eval stage loads the model pair in the driver. The run directory lives on the cluster's storage, so
-submitting the same config again resumes the same run.
+API keys (SECRET_ENV, only when asked). The driver loads no model, so it needs no GPU. The run
+directory lives in the cluster's storage (an object store on a multi-node cluster), so submitting
+the same config again resumes the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ EXCLUDES = [".git", ".venv", ".citer", "runs", "wandb", "__pycache__", "*.pyc", 
 # Secrets are forwarded only with --forward-secrets: Ray keeps a job's runtime env in its job
 # table, where anyone with dashboard access can read it. On a cluster they belong in its secret
 # store (the KubeRay manifests read them from a Secret). Values are never logged.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN")
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Paths on the submitting machine (a laptop's ~/.cache/huggingface) that mean nothing on a cluster, so they are
 # not forwarded: the cluster's own values apply (the --runtime-env file, the pods' or image's environment).
 LOCAL_PATH_ENV = ("HF_HOME", "WANDB_DIR")

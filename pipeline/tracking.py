@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 from pipeline import CiterError
@@ -18,6 +17,7 @@ from pipeline.config import Config
 from pipeline.convergence import plot_convergence
 from pipeline.io import atomic_write_text
 from pipeline.rundir import CONVERGENCE_PNG, METRICS, read_run_record, update_run_record
+from pipeline.storage import StoragePath, local_dir, local_image
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Tracker:
     """Writes each iteration's record to metrics.jsonl and to the run's one W&B run (created on the
     first start, resumed by the id stored in run.json on every later one)."""
 
-    def __init__(self, cfg: Config, run: Path):
+    def __init__(self, cfg: Config, run: StoragePath):
         import wandb
 
         self.run_dir = run
@@ -44,9 +44,10 @@ class Tracker:
         record = read_run_record(run) or {}
         run_id = record.get("wandb", {}).get("id") or secrets.token_hex(4)
         update_run_record(run, wandb={"id": run_id, **settings})
-        (run / "wandb").mkdir(exist_ok=True)
+        local = local_dir(run)  # W&B's files stay on this machine, also for a run in an object store
+        (local / "wandb").mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        kwargs = dict(id=run_id, resume="allow", dir=str(run), name=cfg.name, config=cfg.to_dict(),
+        kwargs = dict(id=run_id, resume="allow", dir=str(local), name=cfg.name, config=cfg.to_dict(),
                       project=settings["project"], entity=settings["entity"], group=settings["group"],
                       mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
         try:
@@ -63,9 +64,9 @@ class Tracker:
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
         log.info("W&B run %s (project %s, mode %s) in %s", run_id, settings["project"], settings["mode"],
-                 run / "wandb")
+                 local / "wandb")
 
-    def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: Path) -> None:
+    def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: StoragePath) -> None:
         """Record the iteration, redraw convergence.png over every finished iteration, and log both
         plots with the metrics (W&B gets no null values: "not reached" is simply absent there)."""
         records = write_metrics_record(self.run_dir, metrics)
@@ -78,14 +79,14 @@ class Tracker:
         self.run.log({**{key: v for key, v in metrics.items() if v is not None}, f"curve/iter-{k:03d}": table,
                       "curve/plot": wandb.plot.line(table, "llm_call_ratio", "accuracy", stroke="method",
                                                     title=f"Accuracy vs LLM calls, iteration {k}"),
-                      "curve/image": wandb.Image(str(curve)),
-                      "convergence/image": wandb.Image(str(self.run_dir / CONVERGENCE_PNG))})
+                      "curve/image": wandb.Image(local_image(curve)),
+                      "convergence/image": wandb.Image(local_image(self.run_dir / CONVERGENCE_PNG))})
 
     def finish(self) -> None:
         self.run.finish()
 
 
-def write_metrics_record(run: Path, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def write_metrics_record(run: StoragePath, metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Put one iteration's record in metrics.jsonl, replacing an earlier record of that iteration
     (a run killed between logging and its marker logs the iteration again)."""
     path = run / METRICS
@@ -95,7 +96,7 @@ def write_metrics_record(run: Path, metrics: dict[str, Any]) -> list[dict[str, A
     return records
 
 
-def read_metrics_records(run: Path) -> list[dict[str, Any]]:
+def read_metrics_records(run: StoragePath) -> list[dict[str, Any]]:
     """Every finished iteration's record in metrics.jsonl, in order (none before the first)."""
     path = run / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -7,7 +7,12 @@ and runs a `TorchTrainer`. Each worker:
 - reads its part of the training data with `ray.train.get_dataset_shard` (and the whole
   validation split, so every rank's validation metrics are exact and the same);
 - per epoch trains with BCE on the router's logit, validates, all-reduces the training sums, and
-  reports the metrics with a checkpoint (every rank saves its DeepSpeed shard).
+  reports the metrics with a checkpoint: every rank saves its DeepSpeed shard, and rank 0 the
+  router's weights as safetensors (`router.safetensors`), which is what the driver exports.
+
+DeepSpeed's checkpoints are pickles. A worker resuming from one (files in shared storage) loads
+them with `torch.load(weights_only=True)` and an allowlist of the few DeepSpeed types they hold
+(`SafeCheckpointEngine`); the driver never unpickles them at all.
 
 Early stopping on validation loss with `train.patience`. The Ray Train run lives in
 `<run>/iter-NNN/train/` (its name is the stage, its storage the iteration), so running the stage
@@ -22,6 +27,7 @@ label 0, the minority class on any sensible task, and the one `train.class_weigh
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +56,7 @@ from pipeline.rundir import (
     no_gpu_deepspeed,
     router_dir,
 )
+from pipeline.storage import StoragePath, arrow_paths, arrow_source, location_text, run_path
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,7 @@ def is_validation(example_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def labelled_shards(cfg: Config, run: Path, iteration: int) -> tuple[list[Path], int]:
+def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list[StoragePath], int]:
     """The iteration's complete shards and the SLM's hidden size; refuse a missing or unfinished
     collect stage, or shards whose hidden states do not have that size."""
     from transformers import AutoConfig
@@ -123,7 +130,7 @@ def labelled_shards(cfg: Config, run: Path, iteration: int) -> tuple[list[Path],
                          "finish it before training")
     hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
     for f in files:
-        first = pq.ParquetFile(f).read_row_group(0, columns=["slm_hidden"]).column(0)
+        first = pq.ParquetFile(arrow_source(f)).read_row_group(0, columns=["slm_hidden"]).column(0)
         if len(first) and len(first[0]) != hidden:
             raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
                              f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
@@ -131,7 +138,7 @@ def labelled_shards(cfg: Config, run: Path, iteration: int) -> tuple[list[Path],
     return files, hidden
 
 
-def split_counts(run: Path, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
+def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
     """Rows and label shares of the train and validation splits, from the label column alone."""
     table = read_rows(run, iteration, columns=["label"])
     ids = table.column("example_id").to_pylist()
@@ -162,6 +169,40 @@ def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool) -> 
 # The per-worker loop
 
 
+def safe_checkpoint_globals() -> list:
+    """The non-tensor types DeepSpeed (0.19) pickles into its checkpoints; `torch.load` with
+    `weights_only=True` rebuilds these and nothing else (no code runs on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@functools.cache
+def safe_checkpoint_engine() -> type:
+    """DeepSpeed's TorchCheckpointEngine, loading with `weights_only=True` (its own passes
+    `weights_only=False`, which runs whatever code a tampered checkpoint holds)."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(safe_checkpoint_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointEngine
+
+
+def use_safe_checkpoint_engine(engine) -> None:
+    """Make `engine` load its checkpoints through `safe_checkpoint_engine()`."""
+    base = safe_checkpoint_engine().__mro__[1]
+    if type(engine.checkpoint_engine) is not base:
+        raise CiterError(f"DeepSpeed chose the {type(engine.checkpoint_engine).__name__} checkpoint engine; "
+                         "citer loads checkpoints only through its safe version of TorchCheckpointEngine")
+    engine.checkpoint_engine.__class__ = safe_checkpoint_engine()
+
+
 def quiet_train_worker_logs() -> None:
     """Ray Train logs every report and checkpoint at INFO from every rank; rank 0 prints one line
     per epoch instead. (Ray 2.60 names one of those loggers after its file, not its module.)"""
@@ -179,9 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
-    from pipeline.router import Router, RouterSpec
+    from pipeline.router import WEIGHTS, Router, RouterSpec, read_weights
 
     cfg = from_dict(Config, config["cfg"], source="train stage config")
     tc = cfg.train
@@ -191,9 +232,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     router = Router(RouterSpec(**config["spec"]))
     if config.get("warm_start"):
-        router.load_state_dict(load_file(config["warm_start"]))
+        router.load_state_dict(read_weights(config["warm_start"], "warm-start router"))
     engine, *_ = deepspeed.initialize(model=router, model_parameters=router.parameters(),
                                       config=config["deepspeed"], dist_init_required=False)
+    use_safe_checkpoint_engine(engine)
     dtype = next(engine.module.parameters()).dtype
     state: dict[str, Any] = {"epoch": 0, "best_epoch": None, "best_val_loss": math.inf, "bad_epochs": 0,
                              "stopped": False, "resumed_from": []}
@@ -276,6 +318,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tmp = tempfile.mkdtemp(prefix="citer-ckpt-")
         try:
             engine.save_checkpoint(tmp, tag=TAG, client_state={"citer": state})
+            weights = full_state_dict(engine, cfg.deepspeed.zero_stage)
+            if rank == 0:
+                save_file(weights, str(Path(tmp) / WEIGHTS))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -285,29 +330,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # The stage (driver)
 
 
-def router_weights(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Full fp32 router weights from one of our checkpoints, whatever the ZeRO stage."""
+def full_state_dict(engine, zero_stage: int) -> dict[str, Any]:
+    """The router's whole state dict in fp32, as the module validated it (under ZeRO-3 gathered
+    from every rank, so every rank must call this)."""
     import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    directory = Path(checkpoint_dir)
-    if list((directory / TAG).glob("*optim_states.pt")) and list((directory / TAG).glob("zero_pp_rank_*")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-    # ZeRO stage 0: the module's own state dict, saved by rank 0; tensors and plain values only, so
-    # nothing in it is unpickled as code.
-    states = torch.load(directory / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    def plain() -> dict[str, Any]:
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                for k, v in engine.module.state_dict().items()}
+
+    if zero_stage < 3:
+        return plain()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with torch.no_grad():
+            return plain()
 
 
-def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
+def checkpoint_weights(checkpoint_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """The router weights rank 0 saved with one of our checkpoints (safetensors: nothing unpickled)."""
+    from pipeline.router import WEIGHTS, read_weights
+
+    return read_weights(Path(checkpoint_dir) / WEIGHTS, f"router training of iteration {iteration}")
+
+
+def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
     """Train the router of `iteration` (resuming an interrupted run); export the best epoch; return
     the summary written to `train/_DONE`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.router import WEIGHTS, Router, router_spec, save_router
+    from pipeline.router import CONFIG, WEIGHTS, Router, router_spec, save_router
 
-    run = Path(run).resolve()
+    run = run_path(run).resolve()
     it_dir = iteration_dir(run, iteration)
     done = it_dir / TRAIN_DIR / DONE
     if done.is_file():
@@ -331,7 +387,8 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
 
     ensure_ray()
     t0 = time.perf_counter()
-    source = ray.data.read_parquet([str(f) for f in files]).select_columns(["example_id", "slm_hidden", "label"])
+    paths, fs = arrow_paths(files)
+    source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
     # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
     splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
                                        fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
@@ -343,10 +400,11 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "spec": {**spec.__dict__, "hidden_mults": list(spec.hidden_mults)},
                            "deepspeed": ds_config,
-                           "warm_start": str(warm) if tc.warm_start and warm is not None else None},
+                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=TRAIN_DIR, storage_path=str(it_dir),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=arrow_paths([it_dir])[0][0],
+                             storage_filesystem=arrow_paths([it_dir])[1],
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_loss",
                                                                 checkpoint_score_order="min")),
@@ -368,7 +426,7 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
     best_ckpt, best = min(result.best_checkpoints, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
     router = Router(spec)
     with best_ckpt.as_directory() as d:
-        router.load_state_dict(router_weights(d))
+        router.load_state_dict(checkpoint_weights(d, iteration))
     summary = {
         "iteration": iteration,
         "best_epoch": best["epoch"],
@@ -385,7 +443,7 @@ def fit_router(cfg: Config, run: str | Path, iteration: int) -> dict[str, Any]:
         "fit_started_at": fit_started_at,
         "rows_per_s": sum(m["train_rows"] for m in history) / fit_seconds,
     }
-    with atomic_directory(router_dir(run, iteration)) as tmp:
+    with atomic_directory(router_dir(run, iteration), last=(CONFIG,)) as tmp:
         save_router(router.eval(), tmp, meta={"iteration": iteration, "epoch": best["epoch"],
                                               "metrics": summary["best"], "slm": cfg.models.slm})
     atomic_write_json(done, summary)

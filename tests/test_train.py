@@ -153,3 +153,39 @@ def test_bad_deepspeed_config_shards_and_collect_dir_are_refused(labelled, tmp_p
     collect_dir(empty, 0).mkdir(parents=True)
     with pytest.raises(CiterError, match="no labelled shards to train on"):
         fit_router(config(), empty, 0)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.train import safe_checkpoint_engine
+
+    engine = safe_checkpoint_engine()()
+    # What DeepSpeed pickles: tensors, plain values and a few of its own types.
+    good = {"module": {"w": torch.arange(6.0).reshape(2, 3)}, "zero_stage": ZeroStageEnum.gradients,
+            "loss_scaler": LossScaler(1.0), "client_state": {"citer": {"epoch": 2, "best_val_loss": float("inf")}}}
+    torch.save(good, tmp_path / "good.pt")
+    loaded = engine.load(str(tmp_path / "good.pt"))
+    assert torch.equal(loaded["module"]["w"], good["module"]["w"]) and loaded["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["loss_scaler"].cur_scale == 1.0 and loaded["client_state"] == good["client_state"]
+
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _Payload(marker)}, tmp_path / "tampered.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.load(str(tmp_path / "tampered.pt"))
+    assert not marker.exists()
+    # The check above means something: DeepSpeed's own engine runs the payload.
+    TorchCheckpointEngine().load(str(tmp_path / "tampered.pt"))
+    assert marker.exists()
