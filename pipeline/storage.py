@@ -133,6 +133,17 @@ class ObjectPath:
             found = [child for d in found for child in d.iterdir() if fnmatch.fnmatchcase(child.name, part)]
         return found
 
+    def rglob(self, pattern: str) -> list[ObjectPath]:
+        """Every object under this prefix whose name matches `pattern`."""
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.key, allow_not_found=True, recursive=True))
+        return [ObjectPath(self.base, i.path) for i in infos
+                if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(PurePosixPath(i.path).name, pattern)]
+
+    def is_relative_to(self, other: ObjectPath) -> bool:
+        return self.base == other.base and (self.key + "/").startswith(other.key + "/")
+
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no directories, only keys."""
 

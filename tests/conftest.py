@@ -4,8 +4,10 @@ the same cache `make demo` uses, and reused when it is already there."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "jobs" / "configs" / "demo.yaml"
 GSM8K_DIR = ROOT.parent / "shared" / "data" / "gsm8k"
+BUCKET = "citer"  # the bucket of the `s3` fixture's server
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -61,6 +64,58 @@ def local_ray():
              runtime_env={"env_vars": {**RAY_WORKER_ENV, **RAY_TRAIN_ENV}})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS server (master, volume, filer, S3 gateway) on free local ports with bucket
+    `citer`; yields the environment a client needs (endpoint and credentials), also set in this
+    process's environment while it runs."""
+    import pyarrow.fs
+
+    weed = Path(sys.executable).parent / "weed"
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    args = [str(weed), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            "-master.volumeSizeLimitMB=64", "-volume.max=8", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    for name, port in ports.items():
+        args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+    log = (data / "weed.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "citer-test", "AWS_SECRET_ACCESS_KEY": "citer-test-secret",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        admin = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+        deadline = time.time() + 90
+        while True:  # the gateway answers before the filer and volume are ready: wait for a real write
+            try:
+                admin.create_dir(BUCKET)
+                with admin.open_output_stream(f"{BUCKET}/probe") as f:
+                    f.write(b"ok")
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    tail = (data / "weed.log").read_text()[-3000:]
+                    raise AssertionError(f"SeaweedFS did not start: {tail}") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        kill_session(proc.pid)
+        proc.wait()
+        log.close()
 
 
 def kill_session(pid: int) -> None:

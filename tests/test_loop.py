@@ -1,5 +1,6 @@
 """The driver: `citer train` killed in each stage resumes to the same result; config changes; status."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.loop import run_status
 from pipeline.rundir import DONE, check_run_config, collect_dir, iteration_dir
-from tests.conftest import DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
+from pipeline.storage import ObjectPath, local_dir, run_path
+from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
 
 SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
          "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=60", "eval.thresholds=[0.5,0.9]",
@@ -27,10 +29,10 @@ NOISE = ("PlacementGroupCleaner", "Setting accelerator to CPU", "max_restarts > 
 KEPT = "Token authentication is enabled"  # Ray's one line at start that its security default is on
 
 
-def start(run: Path) -> subprocess.Popen:
-    """Start `citer train` in its own session, its output kept in a log next to the run."""
+def start(run: ObjectPath, tmp: Path) -> subprocess.Popen:
+    """Start `citer train` on `run` in its own session, its output kept in a log in `tmp`."""
     env = citer_env(CITER_OBJECT_STORE_BYTES=str(300 * 2**20), WANDB_API_KEY=SECRET, WANDB_MODE="offline")
-    log = run.parent / f"start-{len(list(run.parent.glob('start-*.log')))}.log"
+    log = tmp / f"start-{len(list(tmp.glob('start-*.log')))}.log"
     with log.open("w") as out:
         # --force: the test killed the previous holder of the run's lease itself.
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
@@ -43,7 +45,7 @@ def start(run: Path) -> subprocess.Popen:
 def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
     deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.1)
     if proc.poll() is not None:
         tail = proc.log.read_text()[-4000:]  # type: ignore[attr-defined]
         raise AssertionError(f"the run ended (exit {proc.returncode}) before it was {what}:\n{tail}")
@@ -51,35 +53,38 @@ def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
     proc.wait()
 
 
-def progress(run: Path) -> dict:
+def progress(run: ObjectPath) -> dict:
     try:
         return json.loads((run / "run.json").read_text()).get("progress", {})
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb_run(local_ray, demo_world,
-                                                                                       tmp_path):
+def test_driver_killed_in_each_stage_resumes_into_s3_with_the_same_labels_and_one_wandb_run(local_ray, demo_world, s3,
+                                                                                             tmp_path, monkeypatch):
+    """`citer train` into `s3://` (a real S3-compatible server on 127.0.0.1), SIGKILLed while
+    collecting, while training and while evaluating, then run to the end."""
     os.chdir(ROOT)
+    monkeypatch.setenv("CITER_CACHE", str(tmp_path / "cache"))  # where the starts keep their W&B files
     reference = tmp_path / "uninterrupted"
     run_collect(load_config(DEMO_CONFIG, SMALL), reference, 0)
     # Each `citer train` below starts its own Ray, as on a user's machine: alone, so that Ray's
     # helpers that look for "the" local instance (Train's placement-group cleaner) find one.
     local_ray.shutdown()
 
-    run = tmp_path / "run"
+    run = run_path(f"s3://{BUCKET}/runs/{tmp_path.name}")
     it = iteration_dir(run, 0)
-    shards = lambda: list(collect_dir(run, 0).glob("part-*.parquet"))  # noqa: E731
-    kill_when(start(run), lambda: len(shards()) >= 2, "collecting")
+    shards = lambda: collect_dir(run, 0).glob("part-*.parquet")  # noqa: E731
+    kill_when(start(run, tmp_path), lambda: len(shards()) >= 2, "collecting")
     assert 2 <= len(shards()) < 12 and not (collect_dir(run, 0) / DONE).exists()
 
-    kill_when(start(run), lambda: len(list((it / "train").glob("checkpoint_*"))) >= 2, "training")
-    stopped_after = len(list((it / "train").glob("checkpoint_*")))
+    kill_when(start(run, tmp_path), lambda: len((it / "train").glob("checkpoint_*")) >= 2, "training")
+    stopped_after = len((it / "train").glob("checkpoint_*"))
     assert 2 <= stopped_after < 4 and not (it / "train" / DONE).exists()
 
-    proc = start(run)
+    proc = start(run, tmp_path)
     kill_when(proc, lambda: progress(run).get("stage") == "eval" and time.sleep(1.0) is None, "evaluating")
-    assert (it / "router").is_dir() and not (it / "eval.json").exists()
+    assert (it / "router" / "config.json").is_file() and not (it / "eval.json").exists()
 
     env = citer_env(WANDB_API_KEY=SECRET, WANDB_MODE="offline")
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", str(run),
@@ -87,10 +92,13 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
     assert done.returncode == 0, done.stderr
     assert "final curve" in done.stdout and str(it / "curve.png") in done.stdout
 
-    # Labels: the shards byte for byte those of an uninterrupted run, none duplicated or missing,
-    # and no temporary file left by the killed writers.
-    assert digest(collect_dir(run, 0)) == digest(collect_dir(reference, 0)) and len(digest(collect_dir(run, 0))) == 12
-    assert not list(collect_dir(run, 0).glob(".part-*"))
+    # Labels: the shards byte for byte those of an uninterrupted local run, none duplicated or
+    # missing, no temporary object left by the killed writers, and nothing written to a local folder
+    # named after the URI.
+    stored = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards()}
+    assert stored == digest(collect_dir(reference, 0)) and len(stored) == 12
+    assert not collect_dir(run, 0).glob(".part-*")
+    assert not any(p.name.startswith("s3:") for d in (ROOT, tmp_path) for p in d.iterdir())
     assert read_rows(run, 0).equals(read_rows(reference, 0))
     keys = read_rows(run, 0, columns=[]).to_pylist()
     assert len({(k["example_id"], k["position"]) for k in keys}) == len(keys)
@@ -101,22 +109,24 @@ def test_driver_killed_in_each_stage_finishes_with_the_same_labels_and_one_wandb
     assert len(train["resumed_from"]) == 1 and 1 <= stopped_after - 1 <= train["resumed_from"][0] <= stopped_after
     assert (it / DONE).is_file() and json.loads((it / "eval.json").read_text())["auc"]["router"] > 0
 
-    # One W&B run across four starts, and one metrics record per iteration.
+    # One W&B run across four starts, its files on this machine; one metrics record per iteration.
     record = json.loads((run / "run.json").read_text())
     run_id = record["wandb"]["id"]
-    offline = sorted((run / "wandb").glob("offline-run-*"))
+    offline = sorted((local_dir(run) / "wandb").glob("offline-run-*"))
+    assert local_dir(run).is_relative_to(tmp_path / "cache")
     assert len(offline) == 4 and all(p.name.endswith(run_id) for p in offline)
     assert all((p / f"run-{run_id}.wandb").is_file() for p in offline)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0]
     assert record["progress"] == {"iteration": 1, "stage": "done"}
 
-    # The API key is in no file of the run and in no output.
+    # The API key is in no object of the run, no local file and no output.
     assert SECRET not in done.stdout + done.stderr
     assert all(SECRET not in log.read_text() for log in tmp_path.glob("start-*.log"))
-    for path in run.rglob("*"):
-        if path.is_file() and path.stat().st_size < 50 * 2**20:
-            assert SECRET.encode() not in path.read_bytes(), path
+    written = [*run.rglob("*"), *(p for p in local_dir(run).rglob("*") if p.is_file())]
+    assert len(written) > 20
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
 
     status = run_status(run)
     assert "finished" in status and "iter-000 (complete)" in status and f"W&B run {run_id}" in status

