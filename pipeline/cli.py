@@ -62,9 +62,9 @@ def cmd_build_smol(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    cfg = load_job_config(args.config, args.overrides)  # first: a bad config is refused in a fraction of a second
     from pipeline.evaluate import format_table, run_eval
 
-    cfg = load_job_config(args.config, args.overrides)
     out = run_path(args.out) if args.out else default_run_dir(cfg) / "eval"
     check_storage(out)
     result = run_eval(cfg, out, router_dir=args.router)
@@ -73,10 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
+    cfg = load_job_config(args.config, args.overrides)
     from pipeline.collect import run_collect
     from pipeline.rundir import collect_dir
 
-    cfg = load_job_config(args.config, args.overrides)
     check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer collect"):
         summary = run_collect(cfg, args.run, args.iteration)
@@ -93,10 +93,10 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_fit_router(args: argparse.Namespace) -> None:
+    cfg = load_job_config(args.config, args.overrides)
     from pipeline.rundir import router_dir
     from pipeline.train import fit_router
 
-    cfg = load_job_config(args.config, args.overrides)
     check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer fit-router"):
         summary = fit_router(cfg, args.run, args.iteration)
@@ -111,13 +111,13 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = load_job_config(args.config, args.overrides)
     from pipeline.convergence import convergence_table
     from pipeline.evaluate import format_table
     from pipeline.loop import run_loop
     from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, iteration_dir, router_dir
     from pipeline.tracking import read_metrics_records
 
-    cfg = load_job_config(args.config, args.overrides)
     run = run_path(args.run) if args.run else default_run_dir(cfg)
     check_storage(run)
     with RunLock(run, force=args.force, command="citer train"):

@@ -37,11 +37,3 @@ def test_missing_dataset_column_names_file_row_and_field(tmp_path, demo_world):
 def test_invalid_values_are_refused(bad):
     proc = run_citer("eval", str(DEMO_CONFIG), bad)
     assert proc.returncode == 2 and bad.split("=")[0] in proc.stderr
-
-
-def test_eval_output_dir_defaults_to_storage(tmp_path, demo_world):
-    proc = run_citer("-q", "eval", str(DEMO_CONFIG), f"storage={tmp_path}", "eval.n_examples=20",
-                     "eval.methods=[slm,llm]")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "demo" / "eval" / "eval.json").read_text())
-    assert result["n_examples"] == 20 and [p["method"] for p in result["points"]] == ["slm", "llm"]

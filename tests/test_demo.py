@@ -123,10 +123,10 @@ def test_world_files_and_recorded_bounds(demo_world):
     assert not {e.prompt for e in train} & {e.prompt for e in held_out}
 
 
-def test_citer_eval_measures_the_bounds_through_the_hub_loader(demo_world, tmp_path):
-    proc = run_citer("eval", str(DEMO_CONFIG), "--out", str(tmp_path), "eval.methods=[slm,llm]")
+def test_citer_eval_measures_the_bounds_through_the_hub_loader_into_storage_name_eval(demo_world, tmp_path):
+    proc = run_citer("eval", str(DEMO_CONFIG), f"storage={tmp_path}", "eval.methods=[slm,llm]")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((tmp_path / "demo" / "eval" / "eval.json").read_text())  # no --out: STORAGE/NAME/eval
     points = {p["method"]: p for p in result["points"]}
     assert set(points) == {"slm", "llm"}
     assert points["slm"]["llm_call_ratio"] == 0.0 and points["llm"]["llm_call_ratio"] == 1.0
