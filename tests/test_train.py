@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,3 +191,50 @@ def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
     # The check above means something: DeepSpeed's own engine runs the payload.
     TorchCheckpointEngine().load(str(tmp_path / "tampered.pt"))
     assert marker.exists()
+
+
+def _round_trip_every_stage(port: int) -> None:
+    """In a process of its own (one-rank gloo group): for ZeRO 0-3, with and without bf16, a step
+    of a DeepSpeed engine built from citer's config, saved, then loaded into a fresh engine through
+    the safe checkpoint engine. Prints one line per case."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR="cpu")
+    import tempfile
+
+    import deepspeed
+
+    from pipeline.router import Router, RouterSpec
+    from pipeline.train import deepspeed_config, full_state_dict, use_safe_checkpoint_engine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in (0, 1, 2, 3):
+        for bf16 in (False, True):
+            ds = deepspeed_config(config(f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={bf16}",
+                                         "train.batch_size_per_worker=8"))
+            engines = []
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                router = Router(RouterSpec(input_size=16))
+                engine, *_ = deepspeed.initialize(model=router, model_parameters=router.parameters(), config=ds)
+                use_safe_checkpoint_engine(engine)
+                engines.append(engine)
+            first, fresh = engines
+            x = torch.randn(8, 16).to(next(first.module.parameters()).dtype)
+            first.backward(first(x).float().mean())
+            first.step()
+            directory = tempfile.mkdtemp()
+            first.save_checkpoint(directory, tag="citer", client_state={"citer": {"epoch": 1}})
+            _, client = fresh.load_checkpoint(directory, tag="citer")
+            a, b = full_state_dict(first, stage), full_state_dict(fresh, stage)
+            print(f"stage {stage} bf16 {bf16} epoch {client['citer']['epoch']} equal "
+                  f"{all(torch.equal(a[k], b[k]) for k in a)}", flush=True)
+
+
+def test_every_zero_stage_with_and_without_bf16_resumes_through_the_safe_engine():
+    from tests.conftest import free_port
+
+    code = f"from tests.test_train import _round_trip_every_stage; _round_trip_every_stage({free_port()})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stage ")]
+    assert lines == [f"stage {s} bf16 {b} epoch 1 equal True" for s in range(4) for b in (False, True)]
