@@ -34,6 +34,22 @@ class RouterSpec:
         return [max(1, round(m * self.input_size)) for m in self.hidden_mults]
 
 
+class BatchNormFP32(nn.BatchNorm1d):
+    """BatchNorm computed in fp32 whatever the input's dtype. Under bf16 training DeepSpeed casts
+    parameters and keeps buffers, so the layer holds bf16 weights with fp32 running statistics,
+    a mix CPU batch_norm refuses ("expected scalar type BFloat16 but found Float"). In fp32 it is
+    nn.BatchNorm1d exactly (same call, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        out = nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
+                                       self.training or not self.track_running_stats, self.momentum, self.eps)
+        return out.to(x.dtype)
+
+
 class Router(nn.Module):
     """Linear(d, 2d) -> BatchNorm -> ReLU -> Dropout -> Linear(2d, d) -> Dropout -> Linear(d, 1).
 
@@ -48,7 +64,7 @@ class Router(nn.Module):
         for i, h in enumerate(spec.hidden_sizes):
             layers.append(nn.Linear(width, h))
             if i == 0:
-                layers += [nn.BatchNorm1d(h), nn.ReLU()]
+                layers += [BatchNormFP32(h), nn.ReLU()]
             layers.append(nn.Dropout(spec.dropout))
             width = h
         layers.append(nn.Linear(width, 1))

@@ -81,11 +81,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.deepspeed.bf16:
-        # DeepSpeed casts parameters only; the router's BatchNorm would then hold bf16 weights with fp32
-        # running statistics, which batch_norm refuses ("expected scalar type BFloat16 but found Float").
-        generated["data_types"] = {"buffer_dtype": "bf16"}
     return _merge(generated, cfg.deepspeed.extra)
+
 
 
 def _merge(base: dict, over: dict) -> dict:
