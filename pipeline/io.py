@@ -16,15 +16,20 @@ from typing import Any
 from pipeline.storage import ObjectPath, StoragePath, run_path
 
 
+def _scratch_dir(path: StoragePath) -> Path | None:
+    """Where to build `path` before it is put in place: beside it locally (so the rename stays on
+    one filesystem), the system's temporary folder for an object (uploaded from there)."""
+    if isinstance(path, ObjectPath):
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
+
+
 @contextmanager
 def atomic_writer(path: str | StoragePath) -> Iterator[Path]:
     """Yield a temporary local path; put it at `path` only if the block succeeds."""
     path = run_path(path)
-    if isinstance(path, ObjectPath):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_scratch_dir(path))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,11 +61,7 @@ def atomic_directory(path: str | StoragePath, last: tuple[str, ...] = ()) -> Ite
     object store, where a directory is many objects, the files named in `last` (those whose
     presence marks the directory complete) are uploaded after the others."""
     path = run_path(path)
-    if isinstance(path, ObjectPath):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp"))
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=_scratch_dir(path)))
     try:
         yield tmp
         if isinstance(path, ObjectPath):

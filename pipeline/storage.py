@@ -141,9 +141,6 @@ class ObjectPath:
         return [ObjectPath(self.base, i.path) for i in infos
                 if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(PurePosixPath(i.path).name, pattern)]
 
-    def is_relative_to(self, other: ObjectPath) -> bool:
-        return self.base == other.base and (self.key + "/").startswith(other.key + "/")
-
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no directories, only keys."""
 

@@ -334,7 +334,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def full_state_dict(engine, zero_stage: int) -> dict[str, Any]:
     """The router's whole state dict in fp32, as the module validated it (under ZeRO-3 gathered
     from every rank, so every rank must call this)."""
-    import torch
 
     def plain() -> dict[str, Any]:
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
@@ -345,15 +344,7 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, Any]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        with torch.no_grad():
-            return plain()
-
-
-def checkpoint_weights(checkpoint_dir: str | Path, iteration: int) -> dict[str, Any]:
-    """The router weights rank 0 saved with one of our checkpoints (safetensors: nothing unpickled)."""
-    from pipeline.router import WEIGHTS, read_weights
-
-    return read_weights(Path(checkpoint_dir) / WEIGHTS, f"router training of iteration {iteration}")
+        return plain()
 
 
 def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
@@ -362,7 +353,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.router import CONFIG, WEIGHTS, Router, router_spec, save_router
+    from pipeline.router import CONFIG, WEIGHTS, Router, read_weights, router_spec, save_router
 
     run = run_path(run).resolve()
     it_dir = iteration_dir(run, iteration)
@@ -389,6 +380,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     ensure_ray()
     t0 = time.perf_counter()
     paths, fs = arrow_paths(files)
+    (storage_path,), storage_fs = arrow_paths([it_dir])
     source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
     # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
     splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
@@ -404,8 +396,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
                            "warm_start": location_text(warm) if tc.warm_start and warm is not None else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=TRAIN_DIR, storage_path=arrow_paths([it_dir])[0][0],
-                             storage_filesystem=arrow_paths([it_dir])[1],
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_loss",
                                                                 checkpoint_score_order="min")),
@@ -427,7 +418,8 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     best_ckpt, best = min(result.best_checkpoints, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
     router = Router(spec)
     with best_ckpt.as_directory() as d:
-        router.load_state_dict(checkpoint_weights(d, iteration))
+        # The weights rank 0 saved beside the DeepSpeed shards: safetensors, so nothing is unpickled.
+        router.load_state_dict(read_weights(Path(d) / WEIGHTS, f"router training of iteration {iteration}"))
     summary = {
         "iteration": iteration,
         "best_epoch": best["epoch"],
