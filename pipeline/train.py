@@ -258,6 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while state["epoch"] < tc.epochs and not state["stopped"]:
         epoch = state["epoch"] + 1
+        torch.manual_seed(cfg.seed * 10_000 + epoch * 100 + rank)  # dropout: a resumed epoch draws what it would have
         started_at, t0 = time.time(), time.perf_counter()
         engine.train()
         sums = torch.zeros(2, dtype=torch.float64)  # loss, rows
@@ -381,12 +382,19 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     t0 = time.perf_counter()
     paths, fs = arrow_paths(files)
     (storage_path,), storage_fs = arrow_paths([it_dir])
+    # Rows keep the shards' order and every worker gets the same rows each run, so training is a
+    # function of the labels and the seed: two iterations whose labels agree train the same router.
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
-    # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
-    splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
-                                       fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
-                                                  "validation": name == "val"}).materialize()
-              for name in ("train", "val")}
+    splits = {}
+    for name in ("train", "val"):
+        split = source.map_batches(to_arrays, batch_format="pyarrow",
+                                   fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
+                                              "validation": name == "val"})
+        split.context.execution_options = copy.deepcopy(ordered)
+        # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
+        splits[name] = split.materialize()
     prepare_seconds = time.perf_counter() - t0
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
     trainer = TorchTrainer(
@@ -403,7 +411,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         datasets=splits,
         # Validation is not split: with ray's equal shards a few rows would be left out, and the
         # exported router's metrics would not be exactly those of its epoch.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered),
     )
     t1, fit_started_at = time.perf_counter(), time.time()
     try:
