@@ -12,7 +12,7 @@ stage's extra wall time goes: data preparation (Ray Data read + split), start-up
 epoch begins (worker group, process group, DeepSpeed engine, checkpoint restore), and the time
 between epochs (DeepSpeed checkpoint + `ray.train.report`).
 
-Run: python benchmarks/train.py [--rows 120000 --hidden 384 --epochs 3]
+Run: python benchmarks/train.py [--rows 120000 --hidden 384 --epochs 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=384, help="router input width (the SLM's hidden size)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     os.environ.setdefault("CITER_OBJECT_STORE_BYTES", str(1024 * 2**20))
@@ -158,6 +159,11 @@ def main() -> None:
           "epoch\nspent waiting on Ray Data batches. prepare: Ray Data read + split (the plain loop: pyarrow "
           "read).\nstart-up: trainer start to the first epoch. epoch gap: DeepSpeed checkpoint + report between "
           "epochs.")
+    if args.json:
+        figures = {name: {**r, "vs_plain_torch": r["rows_per_s"] / ref} for name, r in results.items()}
+        atomic_write_json(args.json, {"rows": args.rows, "hidden": args.hidden, "epochs": args.epochs,
+                                      "batch_size_per_worker": args.batch_size, "cores": cores, "results": figures})
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
