@@ -30,7 +30,7 @@ from pipeline import CiterError
 from pipeline.config import Config, from_dict
 from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path, shards_on_actors
-from pipeline.storage import StoragePath, arrow_source, location_text, run_path
+from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,9 @@ class TokenLabeler:
 
 def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
     """One labelled shard; a file that does not read as Parquet is named in the error."""
+    (where,), fs = arrow_paths([path])
     try:
-        return pq.read_table(arrow_source(path), columns=columns)
+        return pq.read_table(where, columns=columns, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
         raise CiterError(f"{path}: damaged labelled shard ({e}); rerun the collect stage (or `citer train`) "
                          "to label it again") from None
@@ -163,8 +164,9 @@ def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
 
 def shard_reads(path: StoragePath) -> bool:
     """Whether a shard's Parquet footer reads (a killed copy or a truncated file does not)."""
+    (where,), fs = arrow_paths([path])
     try:
-        pq.read_metadata(arrow_source(path))
+        pq.read_metadata(where, filesystem=fs)
         return True
     except (pa.ArrowException, OSError):
         return False
@@ -244,7 +246,8 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
     files = sorted(out_dir.glob("part-*.parquet"))
-    counted = [pq.read_schema(arrow_source(f)).metadata or {} for f in files]
+    wheres, fs = arrow_paths(files)
+    counted = [pq.read_schema(w, filesystem=fs).metadata or {} for w in wheres]
     dropped = sum(int(m.get(b"case3_dropped", b"0")) for m in counted)
     unfinished = sum(int(m.get(b"rollouts_unfinished", b"0")) for m in counted)
     table = read_rows(run, iteration, columns=["case", "label"])

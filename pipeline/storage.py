@@ -233,15 +233,8 @@ def local_image(path: StoragePath) -> Any:
     return Image.open(io.BytesIO(path.read_bytes()))
 
 
-def arrow_source(path: StoragePath) -> Any:
-    """Something `pyarrow.parquet` reads: the local path, or an open object-store file."""
-    if isinstance(path, ObjectPath):
-        return path.fs.open_input_file(path.key)
-    return str(path)
-
-
 def arrow_paths(paths: list[StoragePath]) -> tuple[list[str], Any]:
-    """(paths, filesystem) for `ray.data.read_parquet` and Ray Train's `storage_path`."""
+    """(paths, filesystem) for pyarrow's readers, `ray.data.read_parquet` and Ray Train's `storage_path`."""
     if paths and isinstance(paths[0], ObjectPath):
         return [p.key for p in paths], paths[0].fs
     return [str(p) for p in paths], None

@@ -56,7 +56,7 @@ from pipeline.rundir import (
     no_gpu_deepspeed,
     router_dir,
 )
-from pipeline.storage import StoragePath, arrow_paths, arrow_source, location_text, run_path
+from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,10 @@ def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list
         raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
                          "finish it before training")
     hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
-    for f in files:
-        first = pq.ParquetFile(arrow_source(f)).read_row_group(0, columns=["slm_hidden"]).column(0)
+    wheres, fs = arrow_paths(files)
+    for f, where in zip(files, wheres, strict=True):
+        with pq.ParquetFile(where, filesystem=fs) as shard:
+            first = shard.read_row_group(0, columns=["slm_hidden"]).column(0)
         if len(first) and len(first[0]) != hidden:
             raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
                              f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
