@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -160,7 +161,9 @@ def main() -> None:
           "read).\nstart-up: trainer start to the first epoch. epoch gap: DeepSpeed checkpoint + report between "
           "epochs.")
     if args.json:
-        figures = {name: {**r, "vs_plain_torch": r["rows_per_s"] / ref} for name, r in results.items()}
+        figures = {name: {**{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()},
+                          "vs_plain_torch": r["rows_per_s"] / ref}  # NaN (one epoch: no gap) is not JSON
+                   for name, r in results.items()}
         atomic_write_json(args.json, {"rows": args.rows, "hidden": args.hidden, "epochs": args.epochs,
                                       "batch_size_per_worker": args.batch_size, "cores": cores, "results": figures})
         print(f"wrote {args.json}")

@@ -384,8 +384,9 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     t0 = time.perf_counter()
     paths, fs = arrow_paths(files)
     (storage_path,), storage_fs = arrow_paths([it_dir])
-    # Rows keep the shards' order and every worker gets the same rows each run, so training is a
-    # function of the labels and the seed: two iterations whose labels agree train the same router.
+    # Rows keep the shards' order and every worker gets the same rows each run, so on one cluster
+    # shape (Ray Data sizes read blocks from its CPUs) training is a function of the labels and the
+    # seed: two iterations whose labels agree train the same router (unless warm-started).
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
     source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
