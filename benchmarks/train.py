@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -105,7 +104,7 @@ def ray_stage(run: Path, cfg: Config) -> dict:
         "rows_per_s": statistics.median(m["train_rows_per_s"] for m in history),
         "prepare_s": summary["prepare_seconds"],
         "startup_s": history[0]["started_at"] - summary["fit_started_at"],
-        "between_epochs_s": statistics.mean(gaps) if gaps else float("nan"),
+        "between_epochs_s": statistics.mean(gaps) if gaps else None,  # one epoch: no gap
         "data_wait": statistics.median(m["train_data_wait_share"] for m in history),
         "total_s": time.perf_counter() - t0,
     }
@@ -154,16 +153,15 @@ def main() -> None:
           f"{'epoch gap':>10} {'total':>7}")
     for name, r in results.items():
         wait = f"{r['data_wait']:.0%}" if "data_wait" in r else "-"
+        gap = r.get("between_epochs_s", 0)
         print(f"{name:34} {r['rows_per_s']:8,.0f} {r['rows_per_s'] / ref:8.2f}x {wait:>10} {r['prepare_s']:7.1f}s "
-              f"{r.get('startup_s', 0):8.1f}s {r.get('between_epochs_s', 0):9.2f}s {r['total_s']:6.1f}s")
+              f"{r.get('startup_s', 0):8.1f}s {'-' if gap is None else f'{gap:.2f}s':>10} {r['total_s']:6.1f}s")
     print("\nrows/s: training rows per second in steady state (median epoch). data wait: share of a training "
           "epoch\nspent waiting on Ray Data batches. prepare: Ray Data read + split (the plain loop: pyarrow "
           "read).\nstart-up: trainer start to the first epoch. epoch gap: DeepSpeed checkpoint + report between "
           "epochs.")
     if args.json:
-        figures = {name: {**{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()},
-                          "vs_plain_torch": r["rows_per_s"] / ref}  # NaN (one epoch: no gap) is not JSON
-                   for name, r in results.items()}
+        figures = {name: {**r, "vs_plain_torch": r["rows_per_s"] / ref} for name, r in results.items()}
         atomic_write_json(args.json, {"rows": args.rows, "hidden": args.hidden, "epochs": args.epochs,
                                       "batch_size_per_worker": args.batch_size, "cores": cores, "results": figures})
         print(f"wrote {args.json}")

@@ -84,7 +84,6 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return _merge(generated, cfg.deepspeed.extra)
 
 
-
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -390,14 +389,12 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
     source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
-    splits = {}
-    for name in ("train", "val"):
-        split = source.map_batches(to_arrays, batch_format="pyarrow",
-                                   fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
-                                              "validation": name == "val"})
-        split.context.execution_options = copy.deepcopy(ordered)
-        # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
-        splits[name] = split.materialize()
+    source.context.execution_options = copy.deepcopy(ordered)  # the splits below inherit it
+    # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
+    splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
+                                       fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
+                                                  "validation": name == "val"}).materialize()
+              for name in ("train", "val")}
     prepare_seconds = time.perf_counter() - t0
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
     trainer = TorchTrainer(
