@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.evaluate import accuracy_at_ratio
+from pipeline.stages.evaluate import accuracy_at_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def summarise(result: dict) -> dict:
 
 def run(config: Path, run_dir: Path, overrides: list[str]) -> tuple[dict, float]:
     from pipeline.cli import load_job_config
-    from pipeline.loop import run_loop
+    from pipeline.stages.loop import run_loop
 
     t0 = time.perf_counter()
     result = run_loop(load_job_config(str(config), overrides), run_dir)

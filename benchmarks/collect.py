@@ -26,8 +26,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.decoding import IMMEDIATE, RandomPolicy, Schedule, SLMOnly, decode
+from pipeline.labelling import NEEDS_ROLLOUT, Rollout, rollout_positions, run_rollouts, teacher_forced
 from pipeline.models import load_pair
-from pipeline.rewards import NEEDS_ROLLOUT, Rollout, rollout_positions, run_rollouts, teacher_forced
 from pipeline.tasks import load_examples
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -250,7 +250,7 @@ def main() -> None:
         print(f"\n(demo pair skipped: no trained router under {args.demo_run}; run `make demo` first)")
     else:
         pair, trained, where = demo
-        from pipeline.demo import make_problem
+        from pipeline.worlds.demo import make_problem
 
         tok = pair.tokenizer
         demo_prompts = [tok(make_problem(random.Random(10_000 + i), 3)["question"] + "\n",

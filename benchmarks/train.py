@@ -30,12 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.collect import SCHEMA, read_rows
+from pipeline.atomic import atomic_write_json
 from pipeline.config import Config, ModelsConfig, TaskConfig, TrainConfig
-from pipeline.io import atomic_write_json
 from pipeline.router import Router, router_spec
 from pipeline.rundir import DONE, RUN_JSON, collect_dir, shard_path
-from pipeline.train import fit_router, to_arrays
+from pipeline.shards import SCHEMA, read_labels, to_arrays
+from pipeline.stages.train import fit_router
 
 
 def write_shards(run: Path, rows: int, hidden: int, tokens_per_example: int = 50, shard_rows: int = 20_000) -> None:
@@ -70,7 +70,7 @@ def plain_torch(run: Path, cfg: Config, hidden: int) -> dict:
     """The baseline: the same router, loss and optimizer in one process, no Ray, no DeepSpeed."""
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    train = to_arrays(read_rows(run, 0, columns=["slm_hidden", "label"]), cfg.seed, cfg.train.val_fraction,
+    train = to_arrays(read_labels(run, 0, columns=["slm_hidden", "label"]), cfg.seed, cfg.train.val_fraction,
                       validation=False)
     x, y = torch.from_numpy(train["x"].astype(np.float32)), torch.from_numpy(train["y"])
     prepare = time.perf_counter() - t0

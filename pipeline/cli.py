@@ -8,8 +8,9 @@ import os
 import sys
 
 from pipeline import CiterError, __version__
-from pipeline.config import Config, DemoConfig, load_config
-from pipeline.rundir import check_storage, default_run_dir
+from pipeline.config import Config, DemoConfig, SmolConfig, load_config
+from pipeline.raysession import check_storage
+from pipeline.rundir import default_run_dir
 from pipeline.runlock import RunLock
 from pipeline.storage import run_path
 
@@ -22,14 +23,14 @@ def load_job_config(path: str, overrides: list[str]) -> Config:
     """Load a config and, when it names a demo world, build that world first if it is absent."""
     cfg = load_config(path, overrides)
     if cfg.demo is not None:
-        from pipeline.demo import ensure_demo_world
+        from pipeline.worlds.demo import ensure_demo_world
 
         ensure_demo_world(cfg.demo)
     return cfg
 
 
 def cmd_build_demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import build_demo_world, ensure_demo_world, is_built
+    from pipeline.worlds.demo import build_demo_world, ensure_demo_world, is_built
 
     cfg = DemoConfig(out=args.out, seed=args.seed)
     if is_built(cfg.out) and not args.force:
@@ -44,7 +45,7 @@ def cmd_build_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_build_smol(args: argparse.Namespace) -> None:
-    from pipeline.smol import SmolConfig, build_smol_world, ensure_smol_world, is_built
+    from pipeline.worlds.smol import build_smol_world, ensure_smol_world, is_built
 
     cfg = SmolConfig(out=args.out, slm_layers=args.slm_layers, seed=args.seed, data=args.data)
     if is_built(cfg) and not args.force:
@@ -63,7 +64,7 @@ def cmd_build_smol(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)  # first: a bad config is refused in a fraction of a second
-    from pipeline.evaluate import format_table, run_eval
+    from pipeline.stages.evaluate import format_table, run_eval
 
     out = run_path(args.out) if args.out else default_run_dir(cfg) / "eval"
     check_storage(out)
@@ -74,8 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_collect(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
-    from pipeline.collect import run_collect
     from pipeline.rundir import collect_dir
+    from pipeline.stages.collect import run_collect
 
     check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer collect"):
@@ -95,7 +96,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 def cmd_fit_router(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
     from pipeline.rundir import router_dir
-    from pipeline.train import fit_router
+    from pipeline.stages.train import fit_router
 
     check_storage(run_path(args.run))
     with RunLock(args.run, force=args.force, command="citer fit-router"):
@@ -112,10 +113,10 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
-    from pipeline.convergence import convergence_table
-    from pipeline.evaluate import format_table
-    from pipeline.loop import run_loop
     from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, iteration_dir, router_dir
+    from pipeline.stages.convergence import convergence_table
+    from pipeline.stages.evaluate import format_table
+    from pipeline.stages.loop import run_loop
     from pipeline.tracking import read_metrics_records
 
     run = run_path(args.run) if args.run else default_run_dir(cfg)
@@ -132,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from pipeline.loop import run_status
+    from pipeline.status import run_status
 
     print(run_status(args.run))
 

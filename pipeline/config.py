@@ -89,6 +89,21 @@ class DemoConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SmolConfig:
+    """The smol world (`citer build-smol`): SmolLM2-135M-Instruct as the LLM and its first
+    `slm_layers` layers as the SLM. `data` is a folder with GSM8K's train.jsonl/test.jsonl (relative
+    to the working directory); without it a few built-in problems stand in."""
+
+    out: str = ".citer/smol-world"
+    slm_layers: int = _f(10, range=(1, 29))  # of the LLM's 30
+    seed: int = 0
+    # GSM8K training problems the SLM's last layer is re-fitted on (0: a plain cut)
+    fit_examples: int = _f(24, range=(0, None))
+    eval_examples: int = _f(8, range=(1, None))  # held-out GSM8K test problems for the SLM/LLM top-1 agreement figure
+    data: str = "../shared/data/gsm8k"
+
+
+@dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """The router MLP: Linear(d, m1*d) -> BN -> ReLU -> Dropout -> ... -> Linear(., 1)."""
 

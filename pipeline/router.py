@@ -15,7 +15,7 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from pipeline import CiterError
-from pipeline.io import atomic_write_text, atomic_writer
+from pipeline.atomic import atomic_write_text, atomic_writer
 from pipeline.storage import ObjectPath, StoragePath, run_path
 
 WEIGHTS, CONFIG = "router.safetensors", "config.json"

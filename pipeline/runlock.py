@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from pipeline import CiterError
-from pipeline.io import atomic_write_json
+from pipeline.atomic import atomic_write_json
 from pipeline.storage import StoragePath, run_path
 
 log = logging.getLogger(__name__)

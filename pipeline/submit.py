@@ -22,29 +22,12 @@ import yaml
 
 from pipeline import CiterError
 from pipeline.config import load_config
-from pipeline.rundir import RAY_TRAIN_ENV, forwarded_env
+from pipeline.raysession import RAY_TRAIN_ENV, SECRET_ENV, job_env
 
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "jobs/entrypoint.py"
 EXCLUDES = [".git", ".venv", ".citer", "runs", "wandb", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache"]
-# Secrets are forwarded only with --forward-secrets: Ray keeps a job's runtime env in its job
-# table, where anyone with dashboard access can read it. On a cluster they belong in its secret
-# store (the KubeRay manifests read them from a Secret). Values are never logged.
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-# Paths on the submitting machine (a laptop's ~/.cache/huggingface) that mean nothing on a cluster, so they are
-# not forwarded: the cluster's own values apply (the --runtime-env file, the pods' or image's environment).
-LOCAL_PATH_ENV = ("HF_HOME", "WANDB_DIR")
-
-
-def job_env() -> dict[str, str]:
-    """The forwarded variables of this shell (rundir.FORWARDED_ENV that are set) less LOCAL_PATH_ENV."""
-    env = forwarded_env()
-    skipped = sorted(k for k in env if k in LOCAL_PATH_ENV)
-    if skipped:
-        log.info("not forwarding %s (paths on this machine); set cluster paths in the --runtime-env file",
-                 ", ".join(skipped))
-    return {k: v for k, v in env.items() if k not in LOCAL_PATH_ENV}
 
 
 def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool = False) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def load_examples(cfg: TaskConfig, split: str, limit: int | None = None) -> list
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     path = cfg.train_path if split == "train" else cfg.eval_path
     hub_split = cfg.train_split if split == "train" else cfg.eval_split
-    rows, source = read_rows(path, subset=cfg.subset, split=hub_split)
+    rows, source = read_dataset_rows(path, subset=cfg.subset, split=hub_split)
     if not rows:
         raise CiterError(f"{source}: the dataset is empty (task.{split}_path)")
     if limit is not None:
@@ -242,7 +242,7 @@ def load_examples(cfg: TaskConfig, split: str, limit: int | None = None) -> list
     return [row_to_example(cfg, row, i, source, split) for i, row in enumerate(rows)]
 
 
-def read_rows(path: str, subset: str | None = None, split: str = "train") -> tuple[list[dict], str]:
+def read_dataset_rows(path: str, subset: str | None = None, split: str = "train") -> tuple[list[dict], str]:
     """Rows of a local .json/.jsonl/.parquet file, or of a `datasets` dataset (hub id or folder)."""
     p = Path(path).expanduser()
     if p.is_file():

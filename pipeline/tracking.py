@@ -13,10 +13,10 @@ import secrets
 from typing import Any
 
 from pipeline import CiterError
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
-from pipeline.convergence import plot_convergence
-from pipeline.io import atomic_write_text
 from pipeline.rundir import CONVERGENCE_PNG, METRICS, read_run_record, update_run_record
+from pipeline.stages.convergence import plot_convergence
 from pipeline.storage import StoragePath, local_dir, local_image
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 def demo_world() -> Path:
     """The demo world directory, built if absent (through the library, as `citer` would)."""
     from pipeline.config import load_config
-    from pipeline.demo import ensure_demo_world
+    from pipeline.worlds.demo import ensure_demo_world
 
     cfg = load_config(DEMO_CONFIG)
     old = Path.cwd()
@@ -55,7 +55,7 @@ def local_ray():
     """A small real local Ray for the module's tests, shut down afterwards."""
     import ray
 
-    from pipeline.rundir import RAY_TRAIN_ENV, RAY_WORKER_ENV
+    from pipeline.raysession import RAY_TRAIN_ENV, RAY_WORKER_ENV
 
     os.environ.setdefault("CITER_OBJECT_STORE_BYTES", str(300 * 2**20))
     for key, value in RAY_TRAIN_ENV.items():
@@ -149,7 +149,8 @@ def smol_world() -> Path:
     same cache `citer build-smol` uses (30 s to 1.5 minutes on 2 cores); skipped, saying why, when
     it is absent and the optional `real` extra is not installed."""
     from pipeline import CiterError
-    from pipeline.smol import SmolConfig, ensure_smol_world, is_built, require_extra
+    from pipeline.config import SmolConfig
+    from pipeline.worlds.smol import ensure_smol_world, is_built, require_extra
 
     cfg = SmolConfig()
     old = Path.cwd()

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from pipeline import CiterError
-from pipeline.collect import SCHEMA, read_rows, run_collect
 from pipeline.config import load_config
 from pipeline.decoding import RouterPolicy, SLMOnly
-from pipeline.models import load_pair
-from pipeline.rewards import (
+from pipeline.labelling import (
     LLM_NEEDED,
     NEEDS_ROLLOUT,
     SLM_ENOUGH,
@@ -22,8 +20,11 @@ from pipeline.rewards import (
     run_rollouts,
     teacher_forced,
 )
+from pipeline.models import load_pair
 from pipeline.router import Router, RouterSpec, save_router
 from pipeline.rundir import DONE, collect_dir, iteration_dir
+from pipeline.shards import SCHEMA, read_labels
+from pipeline.stages.collect import run_collect
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, ROOT, digest
 
@@ -60,7 +61,7 @@ def test_teacher_forced_labels_equal_one_generate_step_per_position(demo_world):
 def test_collect_shards_match_the_labelling_core(local_ray, demo_world, tmp_path, overrides):
     cfg = config(*overrides)
     summary = run_collect(cfg, tmp_path / "run", 0)
-    table = read_rows(tmp_path / "run", 0)
+    table = read_labels(tmp_path / "run", 0)
     assert table.schema.remove_metadata() == SCHEMA
     files = sorted(p.name for p in collect_dir(tmp_path / "run", 0).iterdir())
     assert files == [DONE] + [f"part-{k:05d}.parquet" for k in range(4)]
@@ -115,7 +116,7 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
     router = Router(RouterSpec(input_size=48)).eval()
     save_router(router, iteration_dir(run, 0) / "router")
     run_collect(cfg, run, 1)
-    first, second = read_rows(run, 0).to_pylist(), read_rows(run, 1).to_pylist()
+    first, second = read_labels(run, 0).to_pylist(), read_labels(run, 1).to_pylist()
     assert len(first) == len(second)
     redo = [k for k, r in enumerate(first) if r["case"] == NEEDS_ROLLOUT]
     for a, b in zip(first, second, strict=True):
@@ -144,7 +145,7 @@ def test_a_damaged_shard_is_named_and_relabelled_on_resume(local_ray, demo_world
     shard = sorted(collect_dir(run, 0).glob("part-*.parquet"))[1]
     shard.write_bytes(shard.read_bytes()[:100])  # a truncated copy
     with pytest.raises(CiterError, match=f"{shard}: damaged labelled shard"):
-        read_rows(run, 0)
+        read_labels(run, 0)
     run_collect(cfg, run, 0)  # though the stage was complete, the damaged shard is labelled again, identically
     assert digest(collect_dir(run, 0)) == before
 

@@ -21,9 +21,9 @@ from pipeline.decoding import (
     reference_decode,
     speculative_decode,
 )
-from pipeline.demo import make_problem
 from pipeline.models import load_pair
 from pipeline.router import Router, RouterSpec
+from pipeline.worlds.demo import make_problem
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import re
 
 import torch
 
-from pipeline import demo
 from pipeline.config import DemoConfig, TaskConfig
-from pipeline.demo import (
+from pipeline.tasks import is_correct, load_examples
+from pipeline.worlds import demo
+from pipeline.worlds.demo import (
     BUILDER_VERSION,
     LLM_SPACE_RATE,
     REFERENCE_SPACE_RATE,
@@ -20,7 +21,6 @@ from pipeline.demo import (
     make_problem,
     training_rows,
 )
-from pipeline.tasks import is_correct, load_examples
 from tests.conftest import DEMO_CONFIG, digest, run_citer
 
 WORLD_JSON = ("world.json",)  # records build times, which differ between builds

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.convergence import convergence_table, plot_convergence
-from pipeline.evaluate import accuracy_at_ratio, area_under_curve, calls_to_reach, headline
+from pipeline.labelling import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, teacher_forced
 from pipeline.models import load_pair
-from pipeline.rewards import LLM_NEEDED, NEEDS_ROLLOUT, SLM_ENOUGH, teacher_forced
 from pipeline.router import Router, RouterSpec, load_router, save_router
+from pipeline.stages.convergence import convergence_table, plot_convergence
+from pipeline.stages.evaluate import accuracy_at_ratio, area_under_curve, calls_to_reach, headline
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, run_citer
 

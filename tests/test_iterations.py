@@ -8,8 +8,9 @@ import os
 import pytest
 
 from pipeline.config import load_config
-from pipeline.loop import run_loop, run_status
 from pipeline.rundir import CONVERGENCE_PNG
+from pipeline.stages.loop import run_loop
+from pipeline.status import run_status
 from pipeline.tracking import read_metrics_records
 from tests.conftest import DEMO_CONFIG, ROOT
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import CiterError
-from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
-from pipeline.loop import run_status
 from pipeline.rundir import DONE, check_run_config, collect_dir, iteration_dir
+from pipeline.shards import read_labels
+from pipeline.stages.collect import run_collect
+from pipeline.status import run_status
 from pipeline.storage import ObjectPath, local_dir, run_path
 from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
 
@@ -99,8 +100,8 @@ def test_driver_killed_in_each_stage_resumes_into_s3_with_the_same_labels_and_on
     assert stored == digest(collect_dir(reference, 0)) and len(stored) == 12
     assert not collect_dir(run, 0).glob(".part-*")
     assert not any(p.name.startswith("s3:") for d in (ROOT, tmp_path) for p in d.iterdir())
-    assert read_rows(run, 0).equals(read_rows(reference, 0))
-    keys = read_rows(run, 0, columns=[]).to_pylist()
+    assert read_labels(run, 0).equals(read_labels(reference, 0))
+    keys = read_labels(run, 0, columns=[]).to_pylist()
     assert len({(k["example_id"], k["position"]) for k in keys}) == len(keys)
     train = json.loads((it / "train" / DONE).read_text())
     # The train stage continued after its last recorded epoch, not from zero (a checkpoint's folder
@@ -171,11 +172,10 @@ def test_convergence_evidence_counts_flips_and_router_agreement(tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.collect import SCHEMA
-    from pipeline.loop import label_flips, router_agreement
     from pipeline.router import Router, RouterSpec, save_router
     from pipeline.rundir import shard_path
-    from pipeline.train import is_validation
+    from pipeline.shards import SCHEMA, is_validation
+    from pipeline.stages.convergence import label_flips, router_agreement
 
     rng = np.random.default_rng(0)
     n, width = 400, 8

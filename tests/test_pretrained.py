@@ -11,8 +11,8 @@ import torch
 from pipeline import CiterError
 from pipeline.config import ModelsConfig
 from pipeline.decoding import IMMEDIATE, LLMOnly, RouterPolicy, Schedule, SLMOnly, decode, reference_decode
+from pipeline.labelling import NEEDS_ROLLOUT, teacher_forced
 from pipeline.models import encode_prompts, load_pair
-from pipeline.rewards import NEEDS_ROLLOUT, teacher_forced
 from pipeline.router import Router, RouterSpec
 from pipeline.tasks import Example
 from tests.conftest import GSM8K_DIR, ROOT, run_citer

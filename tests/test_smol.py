@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import CiterError, smol
 from pipeline.cli import main, parse_args
-from pipeline.config import load_config
-from pipeline.smol import BUILDER_VERSION, SmolConfig, is_built, locate_gguf
+from pipeline.config import SmolConfig, load_config
+from pipeline.worlds.smol import BUILDER_VERSION, is_built, locate_gguf
 from tests.conftest import GSM8K_DIR, ROOT
 
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

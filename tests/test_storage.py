@@ -11,8 +11,8 @@ import pyarrow.fs
 import pytest
 
 from pipeline import CiterError
-from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.rundir import check_storage
+from pipeline.atomic import atomic_directory, atomic_write_json
+from pipeline.raysession import check_storage
 from pipeline.storage import ObjectPath, check_reachable, local_dir, run_path
 from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, free_port
 

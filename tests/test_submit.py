@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.submit import LOCAL_PATH_ENV, runtime_env, submit
+from pipeline.raysession import LOCAL_PATH_ENV
+from pipeline.submit import runtime_env, submit
 from tests.conftest import DEMO_CONFIG, ROOT, citer_env, run_citer
 
 BIN = Path(sys.executable).parent

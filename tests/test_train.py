@@ -20,14 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import CiterError
-from pipeline.collect import read_rows, run_collect
 from pipeline.config import load_config
-from pipeline.evaluate import evaluate_methods
 from pipeline.models import load_pair
 from pipeline.router import WEIGHTS, load_router
 from pipeline.rundir import TRAIN_DIR, collect_dir, iteration_dir
+from pipeline.shards import is_validation, read_labels
+from pipeline.stages.collect import run_collect
+from pipeline.stages.evaluate import evaluate_methods
+from pipeline.stages.train import fit_router
 from pipeline.tasks import load_examples
-from pipeline.train import fit_router, is_validation
 from tests.conftest import DEMO_CONFIG, ROOT, run_citer
 
 LABELS = ["collect.shard_size=100"]  # all 2,000 training problems of the demo world
@@ -60,7 +61,7 @@ def copy_labels(labelled: Path, to: Path, shards: int | None = None) -> Path:
 
 def val_accuracy(run: Path, router_dir: Path, seed: int = 0, fraction: float = 0.1) -> float:
     """The exported router's accuracy on the validation examples, recomputed from the shards."""
-    table = read_rows(run, 0, columns=["slm_hidden", "label"])
+    table = read_labels(run, 0, columns=["slm_hidden", "label"])
     val = np.array([is_validation(i, seed, fraction) for i in table.column("example_id").to_pylist()])
     x = torch.tensor(np.stack(table.column("slm_hidden").to_numpy(zero_copy_only=False)[val]).astype(np.float32))
     y = np.asarray(table.column("label"))[val]
@@ -184,7 +185,7 @@ def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from pipeline.train import safe_checkpoint_engine
+    from pipeline.stages.train import safe_checkpoint_engine
 
     engine = safe_checkpoint_engine()()
     # What DeepSpeed pickles: tensors, plain values and a few of its own types.
@@ -216,7 +217,7 @@ def _round_trip_every_stage(port: int) -> None:
     import deepspeed
 
     from pipeline.router import Router, RouterSpec
-    from pipeline.train import deepspeed_config, full_state_dict, use_safe_checkpoint_engine
+    from pipeline.stages.train import deepspeed_config, full_state_dict, use_safe_checkpoint_engine
 
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in (0, 1, 2, 3):

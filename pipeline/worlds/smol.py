@@ -28,7 +28,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,10 +37,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.initialization import no_init_weights
 
 from pipeline import CiterError
-from pipeline.demo import save_tokenizer
-from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.atomic import atomic_directory, atomic_write_json
+from pipeline.config import SmolConfig
 from pipeline.models import encode_prompts, flops_per_token
 from pipeline.tasks import strip_calculator
+from pipeline.worlds.demo import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,6 @@ BUILTIN_TEXT = (
      "30 / 4 = 7 full groups with 30 - 28 = 2 students left.\nSo there are 7 + 1 = 8 groups.\n#### 8"),
 )
 N_BUILTIN_FIT = 4  # the rest are held out for the agreement figure
-
-
-@dataclass(frozen=True, kw_only=True)
-class SmolConfig:
-    """What the smol world is built from. `data` is a folder with GSM8K's train.jsonl/test.jsonl
-    (relative to the working directory); without it a few built-in problems stand in."""
-
-    out: str = ".citer/smol-world"
-    slm_layers: int = 10
-    seed: int = 0
-    fit_examples: int = 24  # GSM8K training problems the SLM's last layer is re-fitted on; 0: plain cut
-    eval_examples: int = 8  # held-out GSM8K test problems for the SLM/LLM top-1 agreement figure
-    data: str = "../shared/data/gsm8k"
 
 
 # ---------------------------------------------------------------------------------------------

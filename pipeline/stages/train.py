@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -39,23 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
-from pipeline.collect import read_rows
+from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
-from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.rundir import (
-    DONE,
-    TRAIN_DIR,
-    check_run_config,
-    collect_dir,
-    ensure_ray,
-    iteration_dir,
-    no_gpu_deepspeed,
-    router_dir,
-)
+from pipeline.raysession import ensure_ray, no_gpu_deepspeed
+from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, iteration_dir, router_dir
+from pipeline.shards import is_validation, read_labels, to_arrays
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
@@ -109,12 +99,6 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> None:
             from None
 
 
-def is_validation(example_id: str, seed: int, fraction: float) -> bool:
-    """Whether an example's tokens go to validation: a seeded hash of its id below `fraction`."""
-    digest = hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
 def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list[StoragePath], int]:
     """The iteration's complete shards and the SLM's hidden size; refuse a missing or unfinished
     collect stage, or shards whose hidden states do not have that size."""
@@ -142,7 +126,7 @@ def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list
 
 def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
     """Rows and label shares of the train and validation splits, from the label column alone."""
-    table = read_rows(run, iteration, columns=["label"])
+    table = read_labels(run, iteration, columns=["label"])
     ids = table.column("example_id").to_pylist()
     labels = np.asarray(table.column("label"), dtype=np.int64)
     val = np.fromiter((is_validation(i, seed, fraction) for i in ids), dtype=bool, count=len(ids))
@@ -154,17 +138,6 @@ def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -
         raise CiterError(f"train.val_fraction={fraction} leaves {out['train_examples']} training and "
                          f"{out['val_examples']} validation examples; both splits need examples")
     return out
-
-
-def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool) -> dict[str, np.ndarray]:
-    """A batch of labelled rows -> {"x": (n, hidden) float16, "y": (n,) float32} for one split."""
-    keep = np.fromiter((is_validation(i, seed, fraction) == validation
-                        for i in batch.column("example_id").to_pylist()), dtype=bool, count=batch.num_rows)
-    batch = batch.filter(pa.array(keep))
-    hidden = batch.column("slm_hidden").combine_chunks()
-    width = len(hidden[0]) if len(hidden) else 0
-    x = hidden.flatten().to_numpy(zero_copy_only=False).reshape(len(hidden), width)
-    return {"x": x, "y": np.asarray(batch.column("label"), dtype=np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,25 +27,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
+from pipeline.atomic import atomic_write_json, atomic_writer
 from pipeline.config import Config, from_dict
-from pipeline.io import atomic_write_json, atomic_writer
-from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path, shards_on_actors
+from pipeline.raysession import shards_on_actors
+from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path
+from pipeline.shards import SCHEMA, labels_table, read_labels, read_shard, shard_reads
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
-
-SCHEMA = pa.schema([
-    ("example_id", pa.string()),
-    ("position", pa.int32()),
-    ("token_id", pa.int32()),
-    ("slm_token", pa.int32()),
-    ("llm_token", pa.int32()),
-    ("slm_hidden", pa.list_(pa.float16())),
-    ("label", pa.int8()),
-    ("case", pa.int8()),
-    ("rollout_correct", pa.bool_()),
-])
 
 
 def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]:
@@ -58,29 +48,19 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]
 # Labelling one shard
 
 
-def labels_table(labels) -> pa.Table:
-    """TokenLabel objects -> a table with SCHEMA."""
-    cols = {
-        "example_id": [x.example_id for x in labels],
-        "position": [x.position for x in labels],
-        "token_id": [x.token_id for x in labels],
-        "slm_token": [x.slm_token for x in labels],
-        "llm_token": [x.llm_token for x in labels],
-        "slm_hidden": [np.asarray(x.slm_hidden, dtype=np.float16) for x in labels],
-        "label": [x.label for x in labels],
-        "case": [x.case for x in labels],
-        "rollout_correct": [x.rollout_correct for x in labels],
-    }
-    return pa.table({name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in SCHEMA.names},
-                    schema=SCHEMA)
-
-
 def label_shard(pair, cfg: Config, examples: list[Example], policy,
                 previous: pa.Table | None) -> tuple[pa.Table, dict[str, int]]:
     """Label one shard. Without `previous`, from scratch (teacher-forced pass + rollouts); with
     iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts.
     Returns the table and its counts (`case3_dropped`, `rollouts_unfinished`)."""
-    from pipeline.rewards import NEEDS_ROLLOUT, Rollout, encode_reference, label_examples, run_rollouts, teacher_forced
+    from pipeline.labelling import (
+        NEEDS_ROLLOUT,
+        Rollout,
+        encode_reference,
+        label_examples,
+        run_rollouts,
+        teacher_forced,
+    )
 
     c = cfg.collect
     from pipeline.decoding import Schedule
@@ -152,45 +132,13 @@ class TokenLabeler:
 # The stage
 
 
-def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
-    """One labelled shard; a file that does not read as Parquet is named in the error."""
-    (where,), fs = arrow_paths([path])
-    try:
-        return pq.read_table(where, columns=columns, filesystem=fs)
-    except (pa.ArrowException, OSError) as e:
-        raise CiterError(f"{path}: damaged labelled shard ({e}); rerun the collect stage (or `citer train`) "
-                         "to label it again") from None
-
-
-def shard_reads(path: StoragePath) -> bool:
-    """Whether a shard's Parquet footer reads (a killed copy or a truncated file does not)."""
-    (where,), fs = arrow_paths([path])
-    try:
-        pq.read_metadata(where, filesystem=fs)
-        return True
-    except (pa.ArrowException, OSError):
-        return False
-
-
-def read_rows(run: str | StoragePath, iteration: int, columns: list[str] | None = None) -> pa.Table:
-    """All complete shards of an iteration's collect stage, as one table sorted by (example, position)."""
-    directory = collect_dir(run, iteration)
-    files = sorted(directory.glob("part-*.parquet"))
-    if not files:
-        raise CiterError(f"{directory}: no labelled shards (run `citer collect` for iteration {iteration} first)")
-    if columns is not None:
-        columns = ["example_id", "position", *[c for c in columns if c not in ("example_id", "position")]]
-    table = pa.concat_tables([read_shard(f, columns).replace_schema_metadata(None) for f in files])
-    return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
-
-
 def check_lengths(cfg: Config, examples: list[Example]) -> None:
     """Refuse, before any actor starts, an example whose prompt + reference is empty or does not
     fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
     from transformers import AutoConfig
 
+    from pipeline.labelling import context_length, encode_reference
     from pipeline.models import end_of_turn_id, load_tokenizer
-    from pipeline.rewards import context_length, encode_reference
 
     tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
     end_id = end_of_turn_id(tok, cfg.models.chat_template)
@@ -250,7 +198,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
     counted = [pq.read_schema(w, filesystem=fs).metadata or {} for w in wheres]
     dropped = sum(int(m.get(b"case3_dropped", b"0")) for m in counted)
     unfinished = sum(int(m.get(b"rollouts_unfinished", b"0")) for m in counted)
-    table = read_rows(run, iteration, columns=["case", "label"])
+    table = read_labels(run, iteration, columns=["case", "label"])
     cases = np.asarray(table.column("case"))
     summary = {
         "iteration": iteration,

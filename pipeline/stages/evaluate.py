@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pipeline import CiterError
+from pipeline.atomic import atomic_write_json, atomic_writer
 from pipeline.config import EVAL_METHODS, Config, from_dict
 from pipeline.decoding import (
     ConfidencePolicy,
@@ -28,10 +29,10 @@ from pipeline.decoding import (
     llm_call_ratio,
     speculative_decode,
 )
-from pipeline.io import atomic_write_json, atomic_writer
 from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_token, load_pair
+from pipeline.raysession import shards_on_actors
 from pipeline.router import WEIGHTS, Router, load_router
-from pipeline.rundir import EVAL_PARTS, shards_on_actors
+from pipeline.rundir import EVAL_PARTS
 from pipeline.storage import StoragePath, location_text, run_path
 from pipeline.tasks import Example, extract_answer, load_examples
 

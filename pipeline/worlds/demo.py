@@ -39,9 +39,9 @@ from tokenizers import Tokenizer, decoders, models
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import DemoConfig, TaskConfig
 from pipeline.decoding import SLMOnly, decode
-from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import flops_per_token
 from pipeline.tasks import Example, is_correct, row_to_example
 

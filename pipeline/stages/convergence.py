@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.io import atomic_writer
+import numpy as np
+
+from pipeline import CiterError
+from pipeline.atomic import atomic_writer
+from pipeline.config import Config
+from pipeline.rundir import router_dir
+from pipeline.shards import read_labels
 from pipeline.storage import StoragePath
 
 METHODS = ("router", "confidence", "random", "query")
@@ -89,3 +95,73 @@ def plot_convergence(records: list[dict[str, Any]], path: str | StoragePath) -> 
     with atomic_writer(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def label_flips(run: StoragePath, iteration: int) -> dict[str, Any]:
+    """Case-3 (rollout) labels that changed since the previous iteration, over the same tokens."""
+    now = read_labels(run, iteration, columns=["case", "label"])
+    before = read_labels(run, iteration - 1, columns=["case", "label"])
+    if not now.select(["example_id", "position"]).equals(before.select(["example_id", "position"])):
+        raise CiterError(f"{run}: iterations {iteration - 1} and {iteration} labelled different tokens")
+    case3 = np.asarray(now.column("case")) == 3
+    flipped = (np.asarray(now.column("label")) != np.asarray(before.column("label"))) & case3
+    return {"case3_flips": int(flipped.sum()), "case3_flip_share": float(flipped.sum() / max(1, case3.sum()))}
+
+
+def router_agreement(cfg: Config, run: StoragePath, iteration: int) -> float:
+    """Share of the held-out (validation) tokens' SLM states on which this iteration's router and
+    the previous one make the same call (P(SLM is enough) >= 0.5)."""
+    import torch
+
+    from pipeline.router import load_router
+    from pipeline.shards import to_arrays
+
+    held_out = to_arrays(read_labels(run, iteration, columns=["slm_hidden", "label"]), cfg.seed,
+                         cfg.train.val_fraction, validation=True)
+    x = torch.from_numpy(held_out["x"].astype(np.float32))
+    keep = [load_router(router_dir(run, k)).router.prob(x).numpy() >= 0.5 for k in (iteration - 1, iteration)]
+    return float((keep[0] == keep[1]).mean())
+
+
+def iteration_metrics(cfg: Config, run: StoragePath, iteration: int, collect: dict, train: dict, result: dict,
+                      eval_seconds: float) -> dict[str, Any]:
+    """The flat per-iteration record for metrics.jsonl and W&B."""
+    rows = max(1, collect["rows"])
+    best = train["best"]
+    m: dict[str, Any] = {
+        "iteration": iteration,
+        "collect/rows": collect["rows"],
+        **{f"collect/case{c}_share": collect["cases"][str(c)] / rows for c in (1, 2, 3)},
+        "collect/label_1_share": collect["label_1_share"],
+        "collect/case3_dropped_by_cap": collect["case3_dropped_by_cap"],
+        "collect/rollouts_unfinished": collect.get("rollouts_unfinished", 0),
+        "collect/seconds": collect["seconds"],
+        "collect/rows_per_s": collect["rows_per_s"],
+        "train/train_loss": best["train_loss"],
+        "train/val_loss": best["val_loss"],
+        "train/val_accuracy": best["val_accuracy"],
+        "train/val_majority_rate": best["val_majority_rate"],
+        "train/val_precision_llm": best["val_precision_llm"],
+        "train/val_recall_llm": best["val_recall_llm"],
+        "train/best_epoch": train["best_epoch"],
+        "train/epochs_run": train["epochs_run"],
+        "train/seconds": train["fit_seconds"],
+        "train/rows_per_s": float(np.median([m["train_rows_per_s"] for m in train["history"]])),
+        "eval/seconds": eval_seconds,
+        "eval/slm_accuracy": result["slm_accuracy"],
+        "eval/llm_accuracy": result["llm_accuracy"],
+        **{f"eval/auc/{method}": auc for method, auc in result["auc"].items()},
+        **{f"eval/accuracy_at_{int(100 * float(r))}pct_llm/{method}": acc
+           for method, by_ratio in result["accuracy_at_llm_ratio"].items() for r, acc in by_ratio.items()},
+        "eval/target_accuracy": result["target_accuracy"],
+        **{f"eval/llm_calls_to_target/{method}": calls for method, calls in result["llm_calls_to_target"].items()},
+        **{f"eval/llm_call_reduction/{method}": r for method, r in result["llm_call_reduction_at_target"].items()},
+    }
+    router_points = [p for p in result["points"] if p["method"] == "router"]
+    if router_points:
+        m["eval/router_tokens_per_s"] = float(np.mean([p["tokens_per_s"] or 0.0 for p in router_points]))
+    if iteration > 0:
+        flips = label_flips(run, iteration)
+        m["collect/case3_flips"], m["collect/case3_flip_share"] = flips["case3_flips"], flips["case3_flip_share"]
+        m["router/agreement_with_previous"] = router_agreement(cfg, run, iteration)
+    return m
