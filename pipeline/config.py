@@ -140,15 +140,22 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    """When collaborative decoding (evaluation and rollouts) runs the LLM. A row the router sends
-    to the LLM waits while the other rows go on with the SLM; the LLM runs for the whole batch once
-    `llm_wait_fraction` of its active rows wait (0: at once), or once a row has waited
-    `llm_max_wait` SLM steps. Greedy tokens do not depend on these; throughput does. Waiting
-    saves LLM passes (what a memory-bound GPU pays for) but costs SLM steps and masked positions
-    (what a compute-bound CPU pays for): on 2 CPU cores calling at once was fastest."""
+    """When collaborative decoding (rollouts, evaluation, serving) runs the LLM. Greedy tokens do
+    not depend on any of these; speed does (docs/performance.md).
 
-    llm_wait_fraction: float = _f(0.0, range=(0.0, 1.0))
-    llm_max_wait: int = _f(0, range=(0, None))
+    `draft`: rows never wait; a routed row keeps the SLM's token provisionally, and one LLM pass
+    every `verify_every` steps (or once a row has `max_pending` routed tokens pending; 0: no bound)
+    checks them all, cutting a row back where the LLM disagrees. `immediate`: the LLM runs in the
+    step a row routes. `wait`: routed rows wait while the others go on, until `llm_wait_fraction`
+    of the rows wait or one has waited `llm_max_wait` steps. `cuda_graphs`: on a GPU, capture each
+    step shape once and replay it."""
+
+    schedule: str = _f("draft", choices=("draft", "immediate", "wait"))
+    verify_every: int = _f(4, range=(1, None))
+    max_pending: int = _f(0, range=(0, None))
+    llm_wait_fraction: float = _f(0.5, range=(0.0, 1.0))
+    llm_max_wait: int = _f(4, range=(0, None))
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -154,17 +154,18 @@ def prefix_states(model, seqs: list[list[int]], pad_id: int) -> list[list[tuple[
 
 
 def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, policy, max_new_tokens: int,
-                 batch_size: int, schedule=None) -> tuple[list[bool], int]:
+                 batch_size: int, decoding: dict | None = None) -> tuple[list[bool], int]:
     """Finish every rollout under `policy` and score it. Returns the outcomes and the number of
     rollouts cut off by `max_new_tokens` before an end id (scored wrong: no answer).
 
     Rollouts are decoded `batch_size` examples at a time: one forward of each model over an
     example's prompt + reference gives the states every rollout of that example starts from
-    (cropped to its position), instead of one prefill per rollout.
+    (cropped to its position), instead of one prefill per rollout. `decoding`: `decode`'s schedule
+    and graph settings (`pipeline.decoding.settings`).
 
     A rollout is scored on the response (the reference prefix and the rollout's own tokens, never
     the prompt), and is correct only when the decisive answer lies in its own text (`score_rollout`)."""
-    from pipeline.decoding import Prefix, Schedule, decode
+    from pipeline.decoding import Prefix, decode
     from pipeline.tasks import score_rollout
 
     tok, eos = pair.tokenizer, set(pair.eos_ids)
@@ -185,8 +186,8 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
         prefixes = [Prefix(length=len(prompt) + rollouts[k].position, slm=states["slm"][g], llm=states["llm"][g])
                     for g, ((prompt, _), members) in enumerate(chunk) for k in members]
         done = decode(pair.slm, pair.llm, [rollouts[k].start for k in ks], policy, **pair.decode_kwargs,
-                      max_new_tokens=max_new_tokens, batch_size=batch_size, schedule=schedule or Schedule(),
-                      prefixes=prefixes)
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, prefixes=prefixes,
+                      **(decoding or {}))
         continuations.update({k: g.tokens for k, g in zip(ks, done.generations, strict=True)})
         del states, prefixes
     outcomes, unfinished = [], 0
@@ -205,7 +206,8 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
 
 def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
                    policy, max_rollouts: int, max_new_tokens: int, batch_size: int,
-                   case3_labels: str = "rollout", schedule=None) -> tuple[list[TokenLabel], dict[str, int]]:
+                   case3_labels: str = "rollout", decoding: dict | None = None
+                   ) -> tuple[list[TokenLabel], dict[str, int]]:
     """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
     case 3 from rollouts under `policy` (or, with `case3_labels="llm"`, the myopic rule: "prefer
     the LLM" without a rollout). Returns the labels and counts: `case3_dropped` (case-3 tokens the
@@ -220,7 +222,7 @@ def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherFor
         rollouts = [Rollout(tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), examples[e].answer,
                             examples[e].labels) for e, i in jobs]
         results, unfinished = run_rollouts(pair, rollouts, task_format=task_format, policy=policy,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size, schedule=schedule)
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, decoding=decoding)
     elif case3_labels != "llm":
         raise CiterError(f"collect.case3_labels must be 'rollout' or 'llm', got {case3_labels!r}")
     outcome = dict(zip(jobs, results, strict=True))

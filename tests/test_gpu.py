@@ -36,7 +36,7 @@ def test_decoding_on_cuda_equals_the_reference_and_an_llm_spread_over_gpu_and_cp
     tok = whole.tokenizer
     prompts = prompts_of_mixed_lengths(tok, 7)
     kw = dict(eos_ids=[tok.eos_token_id], max_new_tokens=48)
-    batched = dict(pad_id=tok.pad_token_id, batch_size=4, schedule=Schedule(wait_fraction=0.5, max_wait=3))
+    batched = dict(pad_id=tok.pad_token_id, batch_size=4, schedule=Schedule(verify_every=3))
     fast = decode(whole.slm, whole.llm, prompts, policy, **kw, **batched).generations
     slow = reference_decode(whole.slm, whole.llm, prompts, policy, **kw)
     assert [g.tokens for g in fast] == [g.tokens for g in slow]

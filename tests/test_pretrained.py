@@ -10,7 +10,7 @@ import torch
 
 from pipeline import CiterError
 from pipeline.config import ModelsConfig
-from pipeline.decoding import IMMEDIATE, LLMOnly, RouterPolicy, Schedule, SLMOnly, decode, reference_decode
+from pipeline.decoding import DRAFT, IMMEDIATE, LLMOnly, RouterPolicy, Schedule, SLMOnly, decode, reference_decode
 from pipeline.labelling import NEEDS_ROLLOUT, teacher_forced
 from pipeline.models import encode_prompts, load_pair
 from pipeline.router import Router, RouterSpec
@@ -86,7 +86,8 @@ def test_collaborative_decoding_equals_the_cache_free_reference(pair, prompts):
         policy = RouterPolicy(router, float(probs.quantile(q)))
         slow = reference_decode(pair.slm, pair.llm, prompts[:3], policy, eos_ids=pair.eos_ids, n_ids=pair.n_ids,
                                 max_new_tokens=8)
-        for schedule in (IMMEDIATE, Schedule(wait_fraction=0.5, max_wait=2), Schedule(wait_fraction=1.0)):
+        for schedule in (DRAFT, Schedule(verify_every=2, max_pending=1), IMMEDIATE,
+                         Schedule(mode="wait", wait_fraction=0.5, max_wait=2)):
             fast = decode(pair.slm, pair.llm, prompts[:3], policy, **pair.decode_kwargs, max_new_tokens=8,
                           batch_size=2, schedule=schedule).generations  # 3 rows through 2 slots
             assert [g.tokens for g in fast] == [g.tokens for g in slow], schedule

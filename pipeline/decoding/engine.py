@@ -1,21 +1,25 @@
-"""Greedy collaborative decoding with token-level routing, one KV cache per model for the batch.
+"""The collaborative decoding engine: a batch of rows, both models' static caches, one step at a time.
 
-Each step the SLM reads one token for every row not waiting for the LLM. A `Policy` reads the
-SLM's last hidden state and logits and sends some rows to the LLM; those rows wait while the
-others go on. When the `Schedule` says so, the LLM runs once for the whole batch: it catches
-every row up on the tokens it has not read (the SLM's tokens since its last call) and gives each
-waiting row its token. Routing saves LLM *passes* (each one a read of all its weights, what a
-decode step costs in the memory-bound regime); the LLM still reads nearly every token once.
+Every step the SLM reads one token for each row that can go on and proposes the next; the row's
+policy decides whether the LLM writes it instead. When the LLM runs is the `Schedule`:
 
-- Each model keeps one `DynamicCache` over the batch's slots; a forward appends columns, each
-  row's chunk right-aligned and holes masked; positions are per row (`_KVBatch`).
-- A row that ends hands its slot to the next prompt (continuous batching).
-- A row may start from states computed elsewhere (`Prefix`: a rollout reuses the teacher-forced
-  pass of its example).
+- **draft** (the default): rows never wait. A routed row keeps the SLM's token provisionally and
+  goes on; every `verify_every` steps (or once a row has `max_pending` routed positions pending)
+  one LLM pass reads every row's new tokens, in one fixed shape for the batch, and checks each
+  pending position: where the LLM's token agrees nothing changes; where it differs, it replaces
+  the SLM's and the row is cut back to just after it (both caches forget the rest). This is
+  speculative decoding whose checks the router restricts to the positions it routes.
+- **immediate**: a routed row waits for the LLM, which runs in the same step (one pass whenever
+  some row routes).
+- **wait**: routed rows wait while the others go on, until `wait_fraction` of the rows wait or a
+  row has waited `max_wait` steps.
 
-Greedy tokens do not depend on batching or scheduling: they must equal those of
-`reference_decode`, which recomputes every prefix without a cache, row by row. Tests check this
-for every schedule.
+Where the LLM has already read a row to its end, its next token is known: a routed position there
+is decided at once, with no pass and nothing provisional.
+
+Greedy output does not depend on the schedule, the batch or the slots: it is exactly that of
+`reference_decode`. Requests join free slots between steps and leave when they end (continuous
+batching); rows are kept dense in slots [0, n) so that a step's shape is the number of live rows.
 """
 
 from __future__ import annotations
@@ -25,123 +29,89 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from pipeline import CiterError
+from pipeline.decoding.policies import Policy, check_threshold
+from pipeline.decoding.runner import ModelRunner
+from pipeline.decoding.sampling import GREEDY, Sampling, sample
 from pipeline.progress import Progress
-from pipeline.router import Router
 
-# ---------------------------------------------------------------------------------------------
-# Routing policies
+SCHEDULES = ("draft", "immediate", "wait")
 
 
-class Policy:
-    """Decides, per step, which rows take the LLM's token. `uses_slm`/`uses_llm` let the decoder
-    skip a model the policy never needs (the single-model baselines)."""
+@dataclass(frozen=True)
+class Schedule:
+    """When the LLM runs (see the module's docstring)."""
 
-    name = "policy"
-    uses_slm = True
-    uses_llm = True
-
-    def route(self, hidden: torch.Tensor, logits: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
-        """Bool tensor (n,): True where the LLM produces the next token. `hidden`/`logits` are the
-        SLM's at the last position; `rows` are row indices in the call, `steps` tokens generated so far."""
-        raise NotImplementedError
-
-
-class SLMOnly(Policy):
-    name, uses_llm = "slm", False
-
-    def route(self, hidden, logits, rows, steps):
-        return torch.zeros(len(rows), dtype=torch.bool)
-
-
-class LLMOnly(Policy):
-    name, uses_slm = "llm", False
-
-    def route(self, hidden, logits, rows, steps):
-        return torch.ones(len(rows), dtype=torch.bool)
-
-
-@dataclass
-class RouterPolicy(Policy):
-    """The LLM produces the token where the router's P(SLM is good enough) < threshold."""
-
-    router: Router
-    threshold: float
-    name = "router"
+    mode: str = "draft"
+    verify_every: int = 4
+    max_pending: int = 0
+    wait_fraction: float = 0.0
+    max_wait: int = 0
 
     def __post_init__(self):
-        check_threshold(self.threshold)
+        if self.mode not in SCHEDULES:
+            raise CiterError(f"decode.schedule must be one of {', '.join(SCHEDULES)}, got {self.mode!r}")
+        for name in ("verify_every", "max_pending", "max_wait"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "verify_every" else 0):
+                raise CiterError(f"decode.{name} must be an integer >= {1 if name == 'verify_every' else 0}, "
+                                 f"got {value!r}")
+        check_threshold(self.wait_fraction, "decode.llm_wait_fraction")
 
-    def route(self, hidden, logits, rows, steps):
-        return (self.router.prob(hidden.to(next(self.router.parameters()).device)) < self.threshold).cpu()
+    @property
+    def waits(self) -> bool:
+        """Whether routed rows wait for the LLM (immediate, wait) rather than drafting on."""
+        return self.mode != "draft"
 
-
-@dataclass
-class ConfidencePolicy(Policy):
-    """The LLM produces the token where the SLM's top-1 probability < threshold."""
-
-    threshold: float
-    name = "confidence"
-
-    def __post_init__(self):
-        check_threshold(self.threshold)
-
-    def route(self, hidden, logits, rows, steps):
-        return (torch.softmax(logits.float(), dim=-1).max(dim=-1).values < self.threshold).cpu()
-
-
-@dataclass
-class RandomPolicy(Policy):
-    """Each token goes to the LLM with probability `ratio`, drawn from (seed, row, step) so the
-    choice does not depend on batching. `first_row` numbers the rows of a shard of a larger set,
-    so that the draws do not depend on sharding either."""
-
-    ratio: float
-    seed: int = 0
-    first_row: int = 0
-    name = "random"
-
-    def __post_init__(self):
-        check_threshold(self.ratio, "random routing ratio")
-
-    def route(self, hidden, logits, rows, steps):
-        return torch.tensor([_uniform(self.seed, self.first_row + r, s) < self.ratio
-                             for r, s in zip(rows, steps, strict=True)], dtype=torch.bool)
+    @classmethod
+    def of(cls, decode_config) -> Schedule:
+        """The schedule a config's `decode` section sets."""
+        d = decode_config
+        if d.schedule == "immediate":
+            return IMMEDIATE
+        return cls(mode=d.schedule, verify_every=d.verify_every, max_pending=d.max_pending,
+                   wait_fraction=d.llm_wait_fraction, max_wait=d.llm_max_wait)
 
 
-def _uniform(seed: int, row: int, step: int) -> float:
-    """A uniform number in [0, 1) from a splitmix64 hash of (seed, row, step)."""
-    x = (seed * 0x9E3779B97F4A7C15 + row * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + 1) & (2**64 - 1)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return ((x ^ (x >> 31)) >> 11) / float(2**53)
+IMMEDIATE = Schedule(mode="immediate")
+DRAFT = Schedule()
 
 
-def check_threshold(value: float, what: str = "threshold") -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0) or math.isnan(value):
-        raise CiterError(f"{what} must be in [0, 1], got {value!r}")
+def settings(decode_config) -> dict:
+    """The keyword arguments of `decode` that a config's `decode` section sets."""
+    return {"schedule": Schedule.of(decode_config), "graphs": decode_config.cuda_graphs}
 
 
-# ---------------------------------------------------------------------------------------------
-# Results
+@dataclass(frozen=True)
+class Prefix:
+    """Key/value states already computed for a row's first `length` tokens (for example by the
+    teacher-forced pass a rollout starts from): per model, one (key, value) pair per layer, each
+    (1, heads, >= length, head_dim). The engine copies them in instead of reading the tokens."""
+
+    length: int
+    slm: list[tuple[torch.Tensor, torch.Tensor]] | None
+    llm: list[tuple[torch.Tensor, torch.Tensor]] | None
 
 
 @dataclass
 class Generation:
-    """One decoded row. `tokens` includes the final end-of-sequence token when one was produced;
-    `from_llm[i]` says whether the LLM produced `tokens[i]`. The counts say what each model
-    really did for this row: forward passes it took part in and tokens it read (prompt, catch-up
-    and generated tokens; a prefix whose KV was reused is not read again)."""
+    """One decoded row. `tokens` ends with the end-of-sequence token when one was produced;
+    `from_llm[i]` says whether the LLM wrote `tokens[i]` (the policy routed it). The counts say
+    what each model did for this row: passes it took part in, tokens it read (prompt, catch-up,
+    generated and drafted tokens; a reused prefix is not read), rollbacks, and SLM tokens thrown
+    away by them."""
 
     tokens: list[int] = field(default_factory=list)
     from_llm: list[bool] = field(default_factory=list)
-    slm_confidence: list[float] = field(default_factory=list)  # SLM top-1 probability per step (when it ran)
+    slm_confidence: list[float] = field(default_factory=list)  # SLM top-1 probability per token (nan where none)
     llm_passes: int = 0
     slm_passes: int = 0
     llm_tokens_processed: int = 0
     slm_tokens_processed: int = 0
+    rollbacks: int = 0
+    discarded_tokens: int = 0
 
     @property
     def llm_tokens(self) -> int:
@@ -150,16 +120,17 @@ class Generation:
 
 @dataclass
 class Decoding:
-    """A decode call's rows and what the hardware did for all of them together. A pass is one
-    forward call of a model (one read of its weights) over every row in the batch; `*_positions`
-    counts the positions it computed, masked holes included; `*_tokens_processed` only real tokens."""
+    """A decode call's rows and what the hardware did for all of them. A pass is one forward of a
+    model (one read of its weights) over the batch; `*_positions` counts the positions it
+    computed, padding included; `*_tokens_processed` real tokens only."""
 
     generations: list[Generation]
     llm_passes: int = 0
     slm_passes: int = 0
     llm_positions: int = 0
     slm_positions: int = 0
-    reused_prefix_tokens: int = 0  # tokens of the rows' `Prefix`es, whose states were copied in
+    reused_prefix_tokens: int = 0
+    graph_replays: int = 0
 
     @property
     def llm_tokens_processed(self) -> int:
@@ -169,168 +140,301 @@ class Decoding:
     def slm_tokens_processed(self) -> int:
         return sum(g.slm_tokens_processed for g in self.generations)
 
+    @property
+    def rollbacks(self) -> int:
+        return sum(g.rollbacks for g in self.generations)
+
+    @property
+    def discarded_tokens(self) -> int:
+        return sum(g.discarded_tokens for g in self.generations)
+
     def counts(self) -> dict[str, int]:
         """The pass and token counts, for eval points and benchmarks."""
         return {"llm_passes": self.llm_passes, "slm_passes": self.slm_passes,
-                "llm_tokens_processed": self.llm_tokens_processed,
-                "slm_tokens_processed": self.slm_tokens_processed,
+                "llm_tokens_processed": self.llm_tokens_processed, "slm_tokens_processed": self.slm_tokens_processed,
                 "llm_positions": self.llm_positions, "slm_positions": self.slm_positions,
-                "reused_prefix_tokens": self.reused_prefix_tokens}
+                "reused_prefix_tokens": self.reused_prefix_tokens, "rollbacks": self.rollbacks,
+                "discarded_tokens": self.discarded_tokens, "graph_replays": self.graph_replays}
 
 
 def llm_call_ratio(generations: list[Generation]) -> float:
-    """LLM-produced tokens / all generated tokens, over a set of rows."""
+    """LLM-written tokens / all generated tokens, over a set of rows."""
     total = sum(len(g.tokens) for g in generations)
     return sum(g.llm_tokens for g in generations) / total if total else 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# When the LLM runs
+@dataclass
+class Request:
+    """One row to decode: its prompt, policy, limit and sampling; `index` numbers it for the
+    policy's draws; `prefix`, states already computed for the start of its prompt."""
+
+    prompt: list[int]
+    policy: Policy
+    max_new_tokens: int
+    index: int = 0
+    sampling: Sampling = GREEDY
+    prefix: Prefix | None = None
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """When a batch calls the LLM. A row the router sends to the LLM waits while the other rows
-    go on with the SLM; the LLM then runs once for every waiting row, and catches every other
-    row up on the tokens it has not read, once `wait_fraction` of the active rows wait, or a row
-    has waited `max_wait` SLM steps, or no row can go on without it. The default, `wait_fraction=0`,
-    calls the LLM at once for any waiting row. Greedy tokens do not depend on the schedule; speed
-    does: waiting saves LLM passes but costs SLM steps and masked positions in both models."""
+@dataclass
+class Update:
+    """What a step settled for one request: tokens that became final (never to be rolled back),
+    and whether the request has ended."""
 
-    wait_fraction: float = 0.0
-    max_wait: int = 0
+    request: Request
+    tokens: list[int]
+    finished: bool
 
-    def __post_init__(self):
-        check_threshold(self.wait_fraction, "decode.llm_wait_fraction")
-        if not isinstance(self.max_wait, int) or self.max_wait < 0:
-            raise CiterError(f"decode.llm_max_wait must be an integer >= 0, got {self.max_wait!r}")
 
-    @classmethod
-    def of(cls, decode_config) -> Schedule:
-        """The schedule a config's `decode` section sets."""
-        return cls(wait_fraction=decode_config.llm_wait_fraction, max_wait=decode_config.llm_max_wait)
+@dataclass
+class _Row:
+    request: Request
+    seq: list[int]  # prompt + generated tokens, provisional ones included
+    gen: Generation = field(default_factory=Generation)
+    slm_len: int = 0  # tokens the SLM's cache holds (it has read seq[:slm_len])
+    llm_len: int = 0
+    llm_next: int | None = None  # the LLM's token for position llm_len, once it has read seq to its end
+    pending: list[int] = field(default_factory=list)  # positions of provisional routed tokens
+    waiting_since: int | None = None  # the step at which the row began waiting for the LLM's token
+    wait_confidence: float = float("nan")
+    final: int = 0  # generated tokens already reported final
 
-    def call_now(self, waiting: int, active: int, longest_wait: int) -> bool:
-        if waiting == 0:
+    @property
+    def n_prompt(self) -> int:
+        return len(self.request.prompt)
+
+    @property
+    def caught_up(self) -> bool:
+        return self.llm_len == len(self.seq) and self.llm_next is not None
+
+
+class Engine:
+    """Both models' runners and the rows in their slots. `admit` requests into free slots, call
+    `step` until `active` is empty; each step returns what it settled."""
+
+    def __init__(self, slm: PreTrainedModel | None, llm: PreTrainedModel | None, *, eos_ids: Collection[int],
+                 pad_id: int, n_ids: int | None, n_slots: int, capacity: int, schedule: Schedule = DRAFT,
+                 router=None, graphs: bool = True):
+        self.eos_ids = _as_set(eos_ids)
+        self.schedule, self.n_slots = schedule, n_slots
+        kw = dict(n_slots=n_slots, capacity=capacity, n_ids=n_ids, pad_id=pad_id, graphs=graphs)
+        self.slm = ModelRunner(slm, router=router, summarize=True, **kw) if slm is not None else None
+        self.llm = ModelRunner(llm, **kw) if llm is not None else None
+        if router is not None and self.slm is not None:
+            router.to(self.slm.device)
+        self.router = router
+        self.rows: list[_Row] = []
+        self.steps = self.steps_since_pass = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.n_slots - len(self.rows)
+
+    @property
+    def active(self) -> list[Request]:
+        return [r.request for r in self.rows]
+
+    # -----------------------------------------------------------------------------------------
+    # Admission and departure
+
+    def admit(self, requests: list[Request]) -> None:
+        """Give each request a free slot; each model reads the prompt (all but its last token,
+        which the first step reads), or takes its prefix's states."""
+        if len(requests) > self.free_slots:
+            raise CiterError(f"{len(requests)} requests for {self.free_slots} free slots")
+        prefills: dict[str, list[tuple[int, list[int], int]]] = {"slm": [], "llm": []}
+        for request in requests:
+            self._check(request)
+            row, slot = _Row(request, list(request.prompt)), len(self.rows)
+            self.rows.append(row)
+            for name, runner, used in (("slm", self.slm, request.policy.uses_slm),
+                                       ("llm", self.llm, request.policy.uses_llm)):
+                if not used:
+                    continue
+                length, states = 0, getattr(request.prefix, name, None) if request.prefix else None
+                if states:
+                    length = request.prefix.length
+                    runner.cache.load_prefix(slot, states, length)
+                setattr(row, f"{name}_len", length)
+                if len(row.seq) - 1 > length:
+                    prefills[name].append((slot, row.seq[length:-1], length))
+                    setattr(row, f"{name}_len", len(row.seq) - 1)
+        for name, runner in (("slm", self.slm), ("llm", self.llm)):
+            if prefills[name]:
+                runner.prefill(*(list(column) for column in zip(*prefills[name], strict=True)))
+                for slot, chunk, _ in prefills[name]:
+                    gen = self.rows[slot].gen
+                    setattr(gen, f"{name}_passes", getattr(gen, f"{name}_passes") + 1)
+                    setattr(gen, f"{name}_tokens_processed", getattr(gen, f"{name}_tokens_processed") + len(chunk))
+
+    def _check(self, request: Request) -> None:
+        policy = request.policy
+        if not request.prompt:
+            raise CiterError(f"cannot decode an empty prompt (0 tokens) at row {request.index}")
+        if policy.uses_slm and self.slm is None or policy.uses_llm and self.llm is None:
+            raise CiterError(f"the {policy.name} policy needs both models")
+        if policy.router is not None and policy.router is not self.router:
+            raise CiterError(f"the {policy.name} policy's router is not the one this engine runs")
+        room = (self.slm or self.llm).capacity
+        if len(request.prompt) + request.max_new_tokens > room:
+            raise CiterError(f"row {request.index}: {len(request.prompt)} prompt tokens + {request.max_new_tokens} new "
+                             f"tokens do not fit the engine's {room} tokens a row")
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request now (its client went away); its slot is free for the next admit."""
+        self._leave([i for i, r in enumerate(self.rows) if r.request is request])
+
+    def _leave(self, slots: list[int]) -> None:
+        """Free `slots`, moving the last rows into them so that the live rows stay in [0, n)."""
+        for slot in sorted(slots, reverse=True):
+            last = len(self.rows) - 1
+            if slot != last:
+                moved = self.rows[last]
+                for runner in (self.slm, self.llm):
+                    if runner is not None:
+                        runner.cache.move_row(last, slot, len(moved.seq))
+                self.rows[slot] = moved
+            self.rows.pop()
+
+    # -----------------------------------------------------------------------------------------
+    # One step
+
+    @torch.no_grad()
+    def step(self) -> list[Update]:
+        """One SLM step for the rows that can go on, then an LLM pass if the schedule says so;
+        return what became final, and which requests ended (they have left their slots)."""
+        self.steps += 1
+        going = [i for i, r in enumerate(self.rows) if r.request.policy.uses_slm and self._can_go(r)]
+        if going:
+            self._slm_step(going)
+        for row in self.rows:
+            if not row.request.policy.uses_slm and not self._ended(row) and row.waiting_since is None:
+                row.waiting_since = self.steps  # the LLM alone: every token comes from a pass
+        if self.llm is not None and self._pass_now(bool(going)):
+            self._llm_pass()
+            self.steps_since_pass = 0
+        else:
+            self.steps_since_pass += 1
+        return self._settle()
+
+    def _can_go(self, row: _Row) -> bool:
+        return row.waiting_since is None and not self._ended(row)
+
+    def _ended(self, row: _Row) -> bool:
+        tokens = row.gen.tokens
+        return bool(tokens) and (tokens[-1] in self.eos_ids or len(tokens) >= row.request.max_new_tokens)
+
+    def _slm_step(self, going: list[int]) -> None:
+        ids = [[r.seq[-1]] if i in going else [] for i, r in enumerate(self.rows)]
+        out = self.slm.step(ids, [[len(r.seq) - 1] if i in going else [] for i, r in enumerate(self.rows)])
+        for i in going:
+            row = self.rows[i]
+            row.slm_len = len(row.seq)
+            row.gen.slm_passes += 1
+            row.gen.slm_tokens_processed += 1
+            token = out.tokens[i][0]
+            if not row.request.sampling.greedy:
+                token = sample(out.logits[i, 0], row.request.sampling, len(row.seq))
+            confidence = out.confidence[i]
+            if not row.request.policy.route(out.prob[i], confidence, row.request.index, len(row.gen.tokens)):
+                self._append(row, token, False, confidence)
+            elif row.caught_up:
+                self._append(row, row.llm_next, True, confidence)
+            elif self.schedule.waits:
+                row.waiting_since, row.wait_confidence = self.steps, confidence
+            else:
+                row.pending.append(len(row.seq))
+                self._append(row, token, True, confidence)
+
+    def _append(self, row: _Row, token: int, from_llm: bool, confidence: float) -> None:
+        row.seq.append(token)
+        row.gen.tokens.append(token)
+        row.gen.from_llm.append(from_llm)
+        row.gen.slm_confidence.append(confidence)
+        row.waiting_since, row.llm_next = None, None
+
+    def _pass_now(self, slm_went: bool) -> bool:
+        """Whether the LLM runs this step."""
+        waiting = [r for r in self.rows if r.waiting_since is not None]
+        pending = [r for r in self.rows if r.pending]
+        if not waiting and not pending:
             return False
-        return (waiting >= max(1, math.ceil(self.wait_fraction * active)) or longest_wait >= self.max_wait
-                or waiting == active)
+        if not any(self._can_go(r) and r.request.policy.uses_slm for r in self.rows):
+            return True  # no row can go on without it
+        if waiting and (self.schedule.mode != "wait" or any(not r.request.policy.uses_slm for r in waiting)):
+            return True
+        s = self.schedule
+        if s.mode == "wait":
+            longest = max(self.steps - r.waiting_since for r in waiting)
+            live = sum(not self._ended(r) for r in self.rows)
+            return len(waiting) >= max(1, math.ceil(s.wait_fraction * live)) or longest >= s.max_wait
+        return (self.steps_since_pass + 1 >= s.verify_every
+                or bool(s.max_pending) and max(len(r.pending) for r in pending) >= s.max_pending)
 
+    def _llm_pass(self) -> None:
+        """One LLM pass: rows that need it (waiting, or with pending positions) read all they have
+        not read; the others read as many tokens, at most, so that no row pads the pass much."""
+        needs = [bool(r.pending) or r.waiting_since is not None for r in self.rows]
+        width = max(len(r.seq) - r.llm_len for r, n in zip(self.rows, needs, strict=True) if n)
+        spans = [(r.llm_len, r.llm_len if not r.request.policy.uses_llm else len(r.seq) if n
+                  else min(len(r.seq), r.llm_len + width)) for r, n in zip(self.rows, needs, strict=True)]
+        out = self.llm.step([r.seq[a:b] for r, (a, b) in zip(self.rows, spans, strict=True)],
+                            [list(range(a, b)) for a, b in spans])
+        for i, (row, (a, b)) in enumerate(zip(self.rows, spans, strict=True)):
+            if b == a:
+                continue
+            row.gen.llm_passes += 1
+            row.gen.llm_tokens_processed += b - a
+            predicted = {}
+            for j, position in enumerate(range(a, b)):
+                token = out.tokens[i][j]
+                if not row.request.sampling.greedy:
+                    token = sample(out.logits[i, j], row.request.sampling, position + 1)
+                predicted[position + 1] = token
+            self._verify(row, b, predicted)
 
-IMMEDIATE = Schedule(wait_fraction=0.0, max_wait=0)
+    def _verify(self, row: _Row, read_to: int, predicted: dict[int, int]) -> None:
+        """Check the row's pending positions the pass predicted; cut the row back at the first the
+        LLM disagrees with; give a waiting row the LLM's token."""
+        for position in [p for p in row.pending if p in predicted]:
+            if predicted[position] != row.seq[position]:
+                self._roll_back(row, position, predicted[position])
+                return
+            row.pending.remove(position)
+        row.llm_len = read_to
+        row.llm_next = predicted.get(len(row.seq)) if read_to == len(row.seq) else None
+        if row.waiting_since is not None and row.caught_up:
+            self._append(row, row.llm_next, True, row.wait_confidence)
 
+    def _roll_back(self, row: _Row, position: int, token: int) -> None:
+        """Replace the provisional token at `position` with the LLM's and forget everything after it."""
+        keep = position - row.n_prompt
+        row.gen.discarded_tokens += len(row.seq) - position
+        row.gen.rollbacks += 1
+        row.seq = row.seq[:position] + [token]
+        row.gen.tokens = row.gen.tokens[:keep] + [token]
+        row.gen.from_llm = row.gen.from_llm[: keep + 1]
+        row.gen.slm_confidence = row.gen.slm_confidence[: keep + 1]
+        row.pending, row.llm_next = [], None
+        row.llm_len, row.slm_len = position, min(row.slm_len, position)
 
-@dataclass(frozen=True)
-class Prefix:
-    """Key/value states already computed for a row's first `length` tokens (for example by the
-    teacher-forced pass a rollout starts from): per model, one (key, value) pair per layer, each
-    (1, heads, >= length, head_dim). The decoder copies them in instead of re-reading the tokens."""
+    def _settle(self) -> list[Update]:
+        """What became final this step; rows that ended leave their slots."""
+        updates, gone = [], []
+        for slot, row in enumerate(self.rows):
+            final = (row.pending[0] - row.n_prompt) if row.pending else len(row.gen.tokens)
+            finished = not row.pending and row.waiting_since is None and self._ended(row)
+            if final > row.final or finished:
+                updates.append(Update(row.request, row.gen.tokens[row.final:final], finished))
+                row.final = final
+            if finished:
+                gone.append(slot)
+        self._leave(gone)
+        return updates
 
-    length: int
-    slm: list[tuple[torch.Tensor, torch.Tensor]] | None
-    llm: list[tuple[torch.Tensor, torch.Tensor]] | None
-
-
-# ---------------------------------------------------------------------------------------------
-# One KV cache per model over the batch
-
-
-class _KVBatch:
-    """One model's KV cache over the decoder's slots, in one `DynamicCache`. Columns are shared:
-    a forward appends as many columns as the longest chunk fed, each slot's chunk right-aligned
-    and the rest masked. Each slot keeps its own positions, so masked holes change nothing but
-    the work. Slots are emptied (a new row takes them) or dropped, and columns no slot uses are
-    removed."""
-
-    def __init__(self, model: PreTrainedModel, n_slots: int, pad_id: int, n_ids: int | None, hidden: bool):
-        self.model, self.pad_id, self.n_ids, self.want_hidden = model, pad_id, n_ids, hidden
-        self.device = model.device
-        self.cache = DynamicCache()
-        self.mask = torch.zeros(n_slots, 0, dtype=torch.long, device=self.device)
-        self.seen = [0] * n_slots  # tokens of each slot's row the cache holds
-        self.greedy: list[int | None] = [None] * n_slots  # the greedy token after each slot's last read token
-        self.passes = self.positions = 0
-
-    def forward(self, chunks: list[list[int]]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Read each slot's chunk (empty: nothing for that slot); return the (hidden state, logits
-        over the first `n_ids` ids) after each slot's last token (garbage for empty chunks)."""
-        n, width = len(chunks), max(map(len, chunks))
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        new = torch.zeros(n, width, dtype=torch.long)
-        positions = torch.zeros(n, width, dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            if chunk:
-                ids[i, width - len(chunk):] = torch.tensor(chunk)
-                new[i, width - len(chunk):] = 1
-                positions[i, width - len(chunk):] = torch.arange(self.seen[i], self.seen[i] + len(chunk))
-                self.seen[i] += len(chunk)
-        self.mask = torch.cat([self.mask, new.to(self.device)], dim=1)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask,
-                         position_ids=positions.to(self.device), cache=self.cache, use_cache=True,
-                         output_hidden_states=self.want_hidden, logits_to_keep=1)
-        self.passes += 1
-        self.positions += n * width
-        hidden, logits = out.hidden_states[-1][:, -1] if self.want_hidden else None, out.logits[:, -1, : self.n_ids]
-        for i, token in enumerate(logits.argmax(-1).tolist()):
-            if chunks[i]:
-                self.greedy[i] = token
-        return hidden, logits
-
-    def insert(self, items: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]], int]]) -> None:
-        """Give empty slots the states of their rows' first tokens: (slot, layers, length) each, all
-        in one copy of the cache, each slot's states right-aligned in the new columns."""
-        if not items:
-            return
-        n, old = self.mask.shape
-        width = max(length for _, _, length in items)
-        grown = []
-        for layer in range(len(items[0][1])):
-            k0, v0 = items[0][1][layer]
-            # each layer's states stay on its own device (a sharded model's layers differ)
-            keys = k0.new_zeros(n, k0.shape[1], old + width, k0.shape[3])
-            values = v0.new_zeros(n, v0.shape[1], old + width, v0.shape[3])
-            if old:
-                keys[:, :, :old], values[:, :, :old] = self.cache.layers[layer].keys, self.cache.layers[layer].values
-            for slot, layers, length in items:
-                k, v = layers[layer]
-                keys[slot, :, old + width - length:] = k[0, :, :length]
-                values[slot, :, old + width - length:] = v[0, :, :length]
-            grown.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=grown)
-        self.mask = torch.cat([self.mask, self.mask.new_zeros(n, width)], dim=1)
-        for slot, _, length in items:
-            self.mask[slot, old + width - length:] = 1
-            self.seen[slot] = length
-
-    def empty(self, slot: int) -> None:
-        """Forget a slot's row so that a new one can take the slot."""
-        self.mask[slot] = 0
-        self.seen[slot], self.greedy[slot] = 0, None
-        self._compact()
-
-    def keep(self, slots: list[int]) -> None:
-        """Drop every slot not in `slots` from the batch."""
-        index = torch.tensor(slots, dtype=torch.long)  # a CPU index selects on any device
-        if self.cache.layers and self.cache.layers[0].is_initialized:
-            self.cache.batch_select_indices(index)
-        self.mask = self.mask[index.to(self.device)]
-        self.seen, self.greedy = [self.seen[s] for s in slots], [self.greedy[s] for s in slots]
-        self._compact()
-
-    def _compact(self) -> None:
-        """Remove the columns no slot uses, once they are a quarter of the cache."""
-        used = self.mask.any(dim=0)
-        if int((~used).sum()) * 4 < used.numel():
-            return
-        columns = used.nonzero().squeeze(-1).cpu()
-        self.mask = self.mask[:, columns.to(self.device)]
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
-
-
-# ---------------------------------------------------------------------------------------------
-# The decoder
+    def generation(self, request: Request) -> Generation | None:
+        """The live row of `request` (its tokens so far), or None when it is not in a slot."""
+        return next((r.gen for r in self.rows if r.request is request), None)
 
 
 def _as_set(eos_ids: Collection[int] | int) -> frozenset[int]:
@@ -340,7 +444,7 @@ def _as_set(eos_ids: Collection[int] | int) -> frozenset[int]:
     return ids
 
 
-def _check_prompts(prompts: list[list[int]]) -> None:
+def check_prompts(prompts: list[list[int]]) -> None:
     if not prompts:
         raise CiterError("no prompts to decode: the prompt list is empty")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
@@ -348,211 +452,40 @@ def _check_prompts(prompts: list[list[int]]) -> None:
         raise CiterError(f"cannot decode an empty prompt (0 tokens) at row {empty[0]}")
 
 
-@dataclass
-class _Row:
-    index: int  # the prompt's index in the decode call
-    seq: list[int]  # prompt + generated tokens
-    gen: Generation
-    waiting_since: int | None = None  # the SLM step at which the router sent this row to the LLM
-    confidence: float = float("nan")  # the SLM's top-1 probability for the token the row waits for
-
-
 @torch.no_grad()
 def decode(slm: PreTrainedModel | None, llm: PreTrainedModel | None, prompts: list[list[int]], policy: Policy, *,
-           eos_ids: Collection[int], pad_id: int, max_new_tokens: int, n_ids: int | None = None,
-           batch_size: int = 64, schedule: Schedule = Schedule(), prefixes: list[Prefix | None] | None = None,
-           desc: str | None = None) -> Decoding:
-    """Greedy decoding of `prompts` under `policy`, `batch_size` rows at a time: a row that ends
-    (at any of `eos_ids`, or after `max_new_tokens`) hands its slot to the next prompt. Tokens are
-    chosen among the first `n_ids` ids (the tokenizer's; None = every logit). Each step the SLM
-    reads one token for every row not waiting for the LLM; the LLM runs as `schedule` says.
-    `prefixes[i]`, when given, holds states already computed for the start of prompt i."""
-    _check_prompts(prompts)
+           eos_ids: Collection[int], pad_id: int, max_new_tokens: int, n_ids: int | None = None, batch_size: int = 64,
+           schedule: Schedule = DRAFT, prefixes: list[Prefix | None] | None = None, desc: str | None = None,
+           graphs: bool = True) -> Decoding:
+    """Decode `prompts` under `policy`, `batch_size` rows at a time: a row that ends (at any of
+    `eos_ids`, or after `max_new_tokens`) hands its slot to the next prompt. Tokens are chosen among
+    the first `n_ids` ids (the tokenizer's; None = every logit). `prefixes[i]`, when given, holds
+    states already computed for the start of prompt i."""
+    check_prompts(prompts)
     if policy.uses_slm and slm is None or policy.uses_llm and llm is None:
         raise CiterError(f"the {policy.name} policy needs both models")
     if prefixes is not None and len(prefixes) != len(prompts):
         raise CiterError(f"{len(prefixes)} prefixes given for {len(prompts)} prompts")
-    eos_ids = _as_set(eos_ids)
-    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # pop() takes the shortest
-    n_slots = min(batch_size, len(prompts))
-    slm_kv = _KVBatch(slm, n_slots, pad_id, n_ids, hidden=True) if policy.uses_slm else None
-    llm_kv = _KVBatch(llm, n_slots, pad_id, n_ids, hidden=False) if policy.uses_llm else None
+    engine = Engine(slm if policy.uses_slm else None, llm if policy.uses_llm else None, eos_ids=eos_ids,
+                    pad_id=pad_id, n_ids=n_ids, n_slots=min(batch_size, len(prompts)),
+                    capacity=max(map(len, prompts)) + max_new_tokens, schedule=schedule, router=policy.router,
+                    graphs=graphs)
+    requests = [Request(p, policy, max_new_tokens, index=i, prefix=prefixes[i] if prefixes else None)
+                for i, p in enumerate(prompts)]
+    queue = sorted(requests, key=lambda r: len(r.prompt), reverse=True)  # pop() takes the shortest
     out = Decoding([Generation() for _ in prompts])
-    slots: list[_Row] = []
-
-    def fill(free: list[int]) -> None:
-        """Give each free slot the next prompt, and its prefix states when there are some."""
-        inserts: dict[str, list] = {"slm": [], "llm": []}
-        for slot in free:
-            i = queue.pop()
-            row = _Row(i, list(prompts[i]), out.generations[i])
-            if slot < len(slots):
-                slots[slot] = row
-            else:
-                slots.append(row)
-            prefix = prefixes[i] if prefixes is not None else None
-            for name, kv in (("slm", slm_kv), ("llm", llm_kv)):
-                if kv is not None:
-                    kv.empty(slot)
-                    if prefix and getattr(prefix, name):
-                        inserts[name].append((slot, getattr(prefix, name), prefix.length))
-            out.reused_prefix_tokens += prefix.length if prefix else 0
-        for name, kv in (("slm", slm_kv), ("llm", llm_kv)):
-            if kv is not None:
-                kv.insert(inserts[name])
-
-    fill(list(range(n_slots)))
-    bar = Progress(len(prompts), desc, unit="row", leave=False)
-    step = 0
-
-    def append(slot: int, token: int, from_llm: bool, confidence: float) -> bool:
-        """Add a token to a slot's row; True when the row has ended."""
-        row = slots[slot]
-        row.gen.tokens.append(token)
-        row.gen.from_llm.append(from_llm)
-        row.gen.slm_confidence.append(confidence)
-        row.seq.append(token)
-        row.waiting_since = None
-        return token in eos_ids or len(row.gen.tokens) >= max_new_tokens
-
-    def read(kv: _KVBatch, which: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        chunks = [slots[s].seq[kv.seen[s]:] if s in which else [] for s in range(len(slots))]
-        for s in which:
-            gen = slots[s].gen
-            if kv is slm_kv:
-                gen.slm_passes, gen.slm_tokens_processed = gen.slm_passes + 1, gen.slm_tokens_processed + len(chunks[s])
-            else:
-                gen.llm_passes, gen.llm_tokens_processed = gen.llm_passes + 1, gen.llm_tokens_processed + len(chunks[s])
-        return kv.forward(chunks)
-
-    while slots:
-        ended: list[int] = []
-        if slm_kv is not None:
-            going = [s for s, row in enumerate(slots) if row.waiting_since is None]
-            if going:
-                hidden, logits = read(slm_kv, going)
-                index = torch.tensor(going, device=logits.device)
-                conf, nxt = torch.softmax(logits[index].float(), dim=-1).max(dim=-1)
-                to_llm = policy.route(hidden[index], logits[index], [slots[s].index for s in going],
-                                      [len(slots[s].gen.tokens) for s in going]).tolist()
-                for k, s in enumerate(going):
-                    if to_llm[k]:
-                        slots[s].waiting_since, slots[s].confidence = step, float(conf[k])
-                    elif append(s, int(nxt[k]), False, float(conf[k])):
-                        ended.append(s)
-                step += 1
-        else:  # LLM alone: every row waits for it at once
-            for row in slots:
-                row.waiting_since = step
-        waiting = [s for s, row in enumerate(slots) if row.waiting_since is not None]
-        live = len(slots) - len(ended)
-        longest = max((step - slots[s].waiting_since for s in waiting), default=0)
-        if llm_kv is not None and schedule.call_now(len(waiting), live, longest):
-            # The LLM reads every live row's unread tokens; a waiting row it has read to the end
-            # already (it caught up on the SLM's token at an earlier call) has its token waiting.
-            unread = [s for s in range(len(slots)) if s not in ended and len(slots[s].seq) > llm_kv.seen[s]]
-            if unread:
-                read(llm_kv, unread)
-            for s in waiting:
-                if append(s, llm_kv.greedy[s], True, slots[s].confidence):
-                    ended.append(s)
-        bar.update(len(ended))
-        refill = sorted(ended)[: len(queue)]
-        fill(refill)
-        gone = sorted(set(ended) - set(refill))
-        if gone:
-            slots = [row for s, row in enumerate(slots) if s not in gone]
-            for kv in (slm_kv, llm_kv):
-                if kv is not None and slots:
-                    kv.keep([s for s in range(len(slots) + len(gone)) if s not in gone])
-    bar.close()
-    for kv, name in ((slm_kv, "slm"), (llm_kv, "llm")):
-        if kv is not None:
-            setattr(out, f"{name}_passes", kv.passes)
-            setattr(out, f"{name}_positions", kv.positions)
+    with Progress(len(prompts), desc, unit="row", leave=False) as bar:
+        while queue or engine.rows:
+            if queue and engine.free_slots:
+                admitted = [queue.pop() for _ in range(min(engine.free_slots, len(queue)))]
+                engine.admit(admitted)
+                for request in admitted:
+                    out.generations[request.index] = engine.generation(request)
+                    out.reused_prefix_tokens += request.prefix.length if request.prefix else 0
+            bar.update(sum(u.finished for u in engine.step()))
+    for name, runner in (("slm", engine.slm), ("llm", engine.llm)):
+        if runner is not None:
+            setattr(out, f"{name}_passes", runner.passes)
+            setattr(out, f"{name}_positions", runner.positions)
+            out.graph_replays += runner.replays
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The method a user would pick instead
-
-
-@torch.no_grad()
-def speculative_decode(slm: PreTrainedModel, llm: PreTrainedModel, prompts: list[list[int]], *,
-                       eos_ids: Collection[int], pad_id: int, max_new_tokens: int, desc: str | None = None) -> Decoding:
-    """Speculative decoding with the SLM as the draft model (transformers' assisted generation),
-    one prompt at a time: the output is exactly the LLM's greedy output, every token checked by it.
-    Passes and tokens read are counted on each model's forward calls."""
-    _check_prompts(prompts)
-    eos_ids = _as_set(eos_ids)
-    out = Decoding([Generation() for _ in prompts])
-    counts = {"slm": [0, 0], "llm": [0, 0]}  # passes, tokens read
-
-    def counter(name: str):
-        def hook(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            counts[name][0] += 1
-            counts[name][1] += 0 if ids is None else int(ids.numel())
-        return hook
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                              eos_token_id=sorted(eos_ids))
-    hooks = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in (("slm", slm), ("llm", llm))]
-    try:
-        bar = Progress(len(prompts), desc, unit="row", leave=False)
-        for i, prompt in enumerate(prompts):
-            before = {n: list(c) for n, c in counts.items()}
-            ids = torch.tensor([prompt], device=llm.device)
-            new = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=slm,
-                               generation_config=config)[0, len(prompt):].tolist()
-            end = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
-            g = out.generations[i]
-            g.tokens, g.from_llm = new[:end], [True] * end
-            g.slm_confidence = [float("nan")] * end
-            g.llm_passes, g.llm_tokens_processed = (counts["llm"][k] - before["llm"][k] for k in (0, 1))
-            g.slm_passes, g.slm_tokens_processed = (counts["slm"][k] - before["slm"][k] for k in (0, 1))
-            bar.update()
-        bar.close()
-    finally:
-        for h in hooks:
-            h.remove()
-    out.llm_passes, out.slm_passes = counts["llm"][0], counts["slm"][0]
-    out.llm_positions, out.slm_positions = counts["llm"][1], counts["slm"][1]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache-free reference
-
-
-@torch.no_grad()
-def reference_decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_ids: Collection[int],
-                     max_new_tokens: int, n_ids: int | None = None) -> list[Generation]:
-    """The simplest correct implementation: each row alone, both models re-run over the full
-    prefix at every step. Slow; the definition the cached decoder must match token for token."""
-    _check_prompts(prompts)
-    eos_ids = _as_set(eos_ids)
-    results = []
-    for row, prompt in enumerate(prompts):
-        g, seq = Generation(), list(prompt)
-        while True:
-            if policy.uses_slm:
-                out = slm(input_ids=torch.tensor([seq], device=slm.device), output_hidden_states=True)
-                hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1, :n_ids]
-                g.slm_passes += 1
-                g.slm_tokens_processed += len(seq)
-                to_llm = bool(policy.route(hidden, logits, [row], [len(g.tokens)])[0]) if policy.uses_llm else False
-                tok = int(logits.argmax(-1))
-            else:
-                to_llm = True
-            if to_llm:
-                tok = int(llm(input_ids=torch.tensor([seq], device=llm.device)).logits[0, -1, :n_ids].argmax())
-                g.llm_passes += 1
-                g.llm_tokens_processed += len(seq)
-            g.tokens.append(tok)
-            g.from_llm.append(to_llm)
-            seq.append(tok)
-            if tok in eos_ids or len(g.tokens) >= max_new_tokens:
-                break
-        results.append(g)
-    return results

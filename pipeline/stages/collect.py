@@ -63,10 +63,10 @@ def label_shard(pair, cfg: Config, examples: list[Example], policy,
     )
 
     c = cfg.collect
-    from pipeline.decoding import Schedule
+    from pipeline.decoding import settings
 
     kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-              schedule=Schedule.of(cfg.decode))
+              decoding=settings(cfg.decode))
     if previous is None:
         tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template,
                             system_prompt=cfg.task.system_prompt, batch_size=c.batch_size)

@@ -23,11 +23,11 @@ from pipeline.decoding import (
     LLMOnly,
     RandomPolicy,
     RouterPolicy,
-    Schedule,
     SLMOnly,
+    Speculative,
     decode,
     llm_call_ratio,
-    speculative_decode,
+    settings,
 )
 from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_token, load_pair
 from pipeline.raysession import shards_on_actors
@@ -91,19 +91,15 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
     prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template,
                              cfg.task.system_prompt)
     policies = {"slm": lambda t: SLMOnly(), "llm": lambda t: LLMOnly(), "router": lambda t: RouterPolicy(router, t),
-                "random": lambda t: RandomPolicy(t, cfg.eval.seed, first_row), "confidence": ConfidencePolicy}
+                "random": lambda t: RandomPolicy(t, cfg.eval.seed, first_row), "confidence": ConfidencePolicy,
+                "speculative": lambda t: Speculative()}
     out = {}
     for i, (method, threshold) in enumerate(runs):
         label = method if threshold is None else f"{method} @ {threshold:g}"
         t0 = time.perf_counter()
-        if method == "speculative":
-            done = speculative_decode(pair.slm, pair.llm, prompts, eos_ids=pair.eos_ids,
-                                      pad_id=pair.tokenizer.pad_token_id, max_new_tokens=cfg.eval.max_new_tokens,
-                                      desc=label)
-        else:
-            done = decode(pair.slm, pair.llm, prompts, policies[method](threshold), **pair.decode_kwargs,
-                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                          schedule=Schedule.of(cfg.decode), desc=label)
+        done = decode(pair.slm, pair.llm, prompts, policies[method](threshold), **pair.decode_kwargs,
+                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, desc=label,
+                      **settings(cfg.decode))
         gens = done.generations
         out[f"{i}:{label}"] = {
             "method": method, "threshold": threshold, "seconds": time.perf_counter() - t0,
