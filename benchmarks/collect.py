@@ -7,9 +7,9 @@ real GSM8K training problems (calculator annotations stripped), in the chat temp
      one greedy `generate` step per model per reference position (the public CITER code);
   2. rollout tokens/s on the case-3 positions of those problems, under the SLM alone (iteration 0)
      and under routing at ~20% LLM tokens (a later iteration): rollouts started from their
-     example's shared prefix states with LLM calls batched across steps (ours) vs a prefill per
-     rollout with the LLM called at once (the decoder without either). Greedy tokens are the same
-     either way (tests/test_decoding.py checks it).
+     example's shared prefix states under the config's decode schedule (ours: `decode.schedule`,
+     draft by default) vs a prefill per rollout with the LLM called at once (the decoder without
+     either). Greedy tokens are the same either way (tests/test_decoding.py checks it).
 
 Run: python benchmarks/collect.py [--json out.json]   (needs `citer build-smol` and GSM8K files)
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
-from pipeline.decoding import IMMEDIATE, RandomPolicy, Schedule, SLMOnly, decode
+from pipeline.decoding import IMMEDIATE, RandomPolicy, SLMOnly, decode, settings
 from pipeline.labelling import NEEDS_ROLLOUT, Rollout, rollout_positions, run_rollouts, teacher_forced
 from pipeline.models import load_pair
 from pipeline.tasks import load_examples
@@ -95,7 +95,7 @@ def main() -> None:
         t_base = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_rollouts(pair, rollouts, task_format="gsm8k", policy=policy, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch, schedule=Schedule())
+                     batch_size=args.batch, decoding=settings(cfg.decode))
         t_ours = time.perf_counter() - t0
         n = sum(len(g.tokens) for g in baseline.generations)
         prefill = sum(len(r.start) for r in rollouts)

@@ -214,12 +214,17 @@ class Engine:
 
     def __init__(self, slm: PreTrainedModel | None, llm: PreTrainedModel | None, *, eos_ids: Collection[int],
                  pad_id: int, n_ids: int | None, n_slots: int, capacity: int, schedule: Schedule = DRAFT,
-                 router=None, graphs: bool = True):
+                 router=None, graphs: bool = True, reuse: bool = False):
+        """`reuse`: take the models' runners (caches, CUDA graphs) from earlier engines of the same
+        settings, for an engine that is the only one alive (`decode`'s)."""
         self.eos_ids = _as_set(eos_ids)
         self.schedule, self.n_slots = schedule, n_slots
         kw = dict(n_slots=n_slots, capacity=capacity, n_ids=n_ids, pad_id=pad_id, graphs=graphs)
-        self.slm = ModelRunner(slm, router=router, summarize=True, **kw) if slm is not None else None
-        self.llm = ModelRunner(llm, **kw) if llm is not None else None
+        make = ModelRunner.shared if reuse else ModelRunner
+        self.slm = make(slm, router=router, summarize=True, **kw) if slm is not None else None
+        self.llm = make(llm, router=None, summarize=False, **kw) if llm is not None else None
+        self.counted = {name: (r.passes, r.positions, r.replays) for name, r in (("slm", self.slm), ("llm", self.llm))
+                        if r is not None}  # the runners' counts before this engine
         if router is not None and self.slm is not None:
             router.to(self.slm.device)
         self.router = router
@@ -469,7 +474,7 @@ def decode(slm: PreTrainedModel | None, llm: PreTrainedModel | None, prompts: li
     engine = Engine(slm if policy.uses_slm else None, llm if policy.uses_llm else None, eos_ids=eos_ids,
                     pad_id=pad_id, n_ids=n_ids, n_slots=min(batch_size, len(prompts)),
                     capacity=max(map(len, prompts)) + max_new_tokens, schedule=schedule, router=policy.router,
-                    graphs=graphs)
+                    graphs=graphs, reuse=True)
     requests = [Request(p, policy, max_new_tokens, index=i, prefix=prefixes[i] if prefixes else None)
                 for i, p in enumerate(prompts)]
     queue = sorted(requests, key=lambda r: len(r.prompt), reverse=True)  # pop() takes the shortest
@@ -485,7 +490,8 @@ def decode(slm: PreTrainedModel | None, llm: PreTrainedModel | None, prompts: li
             bar.update(sum(u.finished for u in engine.step()))
     for name, runner in (("slm", engine.slm), ("llm", engine.llm)):
         if runner is not None:
-            setattr(out, f"{name}_passes", runner.passes)
-            setattr(out, f"{name}_positions", runner.positions)
-            out.graph_replays += runner.replays
+            passes, positions, replays = engine.counted[name]
+            setattr(out, f"{name}_passes", runner.passes - passes)
+            setattr(out, f"{name}_positions", runner.positions - positions)
+            out.graph_replays += runner.replays - replays
     return out

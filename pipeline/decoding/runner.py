@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -26,7 +27,7 @@ from pipeline.router import Router
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
-WIDTH_BUCKETS = (1, 2, 4, 8, 16)
+WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 64
 
 
@@ -49,6 +50,20 @@ class StepOutput:
 
 class ModelRunner:
     """Forward passes of `model` over a `SlotCache` of `n_slots` rows of up to `capacity` tokens."""
+
+    @classmethod
+    def shared(cls, model: PreTrainedModel, **kw) -> ModelRunner:
+        """A runner of `model` with these settings kept between calls (its cache and CUDA graphs
+        are made once, not once per `decode`): for one caller at a time. The last few are kept."""
+        kw["capacity"] = -(-kw["capacity"] // 64) * 64  # calls of similar sizes share one
+        key = tuple(sorted((k, id(v) if isinstance(v, torch.nn.Module) else v) for k, v in kw.items()))
+        runners = model.__dict__.setdefault("_citer_runners", {})  # freed with the model
+        if key not in runners:
+            while len(runners) >= 4:
+                runners.pop(next(iter(runners)))
+            runners[key] = cls(model, **kw)
+        runners[key] = runners.pop(key)  # the most recently used last
+        return runners[key]
 
     def __init__(self, model: PreTrainedModel, *, n_slots: int, capacity: int, n_ids: int | None, pad_id: int,
                  router: Router | None = None, summarize: bool = False, graphs: bool = False):
@@ -107,14 +122,15 @@ class ModelRunner:
         """Read row i's tokens `ids[i]` at `positions[i]` for the rows [0, len(ids)); rows may read
         different numbers of tokens (0 included: a row with nothing to read computes padding)."""
         b, w = len(ids), max(1, max(map(len, ids)))
-        scratch = self.cache.scratch
-        kv = 1 + max((p for row in positions for p in row), default=0)
-        ids_t = torch.full((b, w), self.pad_id, dtype=torch.long)
-        pos_t = torch.full((b, w), scratch, dtype=torch.long)
-        for i, (row_ids, row_pos) in enumerate(zip(ids, positions, strict=True)):
-            ids_t[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            pos_t[i, : len(row_pos)] = torch.tensor(row_pos, dtype=torch.long)
+        kv = 1 + max((row[-1] for row in positions if row), default=0)
         shape = self._graph_shape(b, w, kv) if self.graphs else None
+        rows, width = shape[:2] if shape else (b, w)
+        ids_np = np.full((rows, width), self.pad_id, dtype=np.int64)
+        pos_np = np.full((rows, width), self.cache.scratch, dtype=np.int64)
+        for i, (row_ids, row_pos) in enumerate(zip(ids, positions, strict=True)):
+            ids_np[i, : len(row_ids)] = row_ids
+            pos_np[i, : len(row_pos)] = row_pos
+        ids_t, pos_t = torch.from_numpy(ids_np), torch.from_numpy(pos_np)
         if shape is None:
             out = self._run(ids_t.to(self.device), pos_t.to(self.device), kv)
         else:
@@ -131,19 +147,18 @@ class ModelRunner:
                            use_cache=True).last_hidden_state
         logits = self.head(hidden)[..., : self.n_ids]
         out = {"tokens": logits.argmax(-1), "logits": logits}
-        if self.summarize:
-            out["confidence"] = torch.softmax(logits[:, -1].float(), dim=-1).max(dim=-1).values
-            out["prob"] = (self.router.prob(hidden[:, -1]) if self.router is not None
-                           else torch.full_like(out["confidence"], float("nan")))
+        if self.summarize:  # token, confidence and router probability, packed for one copy to the host
+            confidence = torch.softmax(logits[:, -1].float(), dim=-1).max(dim=-1).values
+            prob = (self.router.prob(hidden[:, -1]) if self.router is not None
+                    else torch.full_like(confidence, float("nan")))
+            out["summary"] = torch.stack([out["tokens"][:, -1].float(), confidence, prob.float()], -1)
         return out
 
     def _to_host(self, out: dict[str, torch.Tensor], b: int, w: int) -> StepOutput:
         """One device-to-host copy for everything the host reads."""
-        tokens = out["tokens"][:b, :w]
         if not self.summarize:
-            return StepOutput(tokens.cpu().tolist(), None, None, out["logits"][:b, :w])
-        packed = torch.stack([tokens[:, -1].float(), out["confidence"][:b].float(), out["prob"][:b].float()], -1)
-        host = packed.cpu().tolist()
+            return StepOutput(out["tokens"][:b, :w].cpu().tolist(), None, None, out["logits"][:b, :w])
+        host = out["summary"][:b].cpu().tolist()
         return StepOutput([[int(t)] for t, _, _ in host], [c for _, c, _ in host], [p for _, _, p in host],
                           out["logits"][:b, :w])
 
@@ -163,11 +178,8 @@ class ModelRunner:
         if shape not in self._graphs:
             self._graphs[shape] = self._capture(*shape)
         graph, static_ids, static_pos, out = self._graphs[shape]
-        b, w = ids.shape
-        static_ids.fill_(self.pad_id)
-        static_pos.fill_(self.cache.scratch)
-        static_ids[:b, :w].copy_(ids, non_blocking=True)
-        static_pos[:b, :w].copy_(pos, non_blocking=True)
+        static_ids.copy_(ids, non_blocking=True)
+        static_pos.copy_(pos, non_blocking=True)
         graph.replay()
         self.replays += 1
         return out
