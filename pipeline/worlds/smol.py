@@ -30,6 +30,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import pre_tokenizers
@@ -293,23 +294,14 @@ def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
 
-def build_smol_world(cfg: SmolConfig) -> dict:
-    """Convert the GGUF LLM, cut and re-fit the SLM, and write both with the shared tokenizer
-    under `cfg.out` as a whole (a temporary directory renamed into place); return world.json."""
-    t0 = time.time()
-    gguf_path = require_extra()
-    source_version = importlib.metadata.version(PACKAGE)
-    out = Path(cfg.out)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    torch.manual_seed(cfg.seed)
-    log.info("building the smol world in %s from %s", out, gguf_path)
-
+def convert_llm(gguf_path: Path, slm_layers: int) -> tuple[PreTrainedModel, Any, dict, PreTrainedTokenizerBase]:
+    """The GGUF model rebuilt as a plain float32 model with its tokenizer; also its config and state dict."""
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = copy.deepcopy(quantized.config)
     n_layers = config.num_hidden_layers
-    if not 1 <= cfg.slm_layers < n_layers:
+    if not 1 <= slm_layers < n_layers:
         raise CiterError(f"slm_layers must be in [1, {n_layers - 1}] (the LLM has {n_layers} layers), "
-                         f"got {cfg.slm_layers}")
+                         f"got {slm_layers}")
     config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")  # GGUF stores it as float32: 1e-5 -> 9.9999997e-06
     generation = GenerationConfig.from_dict(quantized.generation_config.to_dict())
     state = {k: v.detach().clone() for k, v in quantized.state_dict().items()}
@@ -317,11 +309,13 @@ def build_smol_world(cfg: SmolConfig) -> dict:
     tok = load_gguf_tokenizer(gguf_path, config.max_position_embeddings)
     generation.eos_token_id = generation_end_ids(tok)
     generation.pad_token_id = tok.pad_token_id
-    llm = plain_model(config, state, generation)
-    t_convert = time.time() - t0
+    return plain_model(config, state, generation), config, state, tok
 
-    # The SLM: the first layers, with the last one's down_proj re-fitted on the fit problems.
-    t1 = time.time()
+
+def cut_slm(cfg: SmolConfig, llm: PreTrainedModel, config: Any, state: dict, tok: PreTrainedTokenizerBase
+            ) -> tuple[PreTrainedModel, dict]:
+    """The SLM: the LLM's first layers, the last one's down_proj re-fitted on the fit problems;
+    and the fit's figures (problems, top-1 agreement with the LLM before and after)."""
     fit, held_out, source = read_problems(cfg)
     k = cfg.slm_layers
     old = llm.model.layers[k - 1].mlp.down_proj.weight.detach()
@@ -340,11 +334,31 @@ def build_smol_world(cfg: SmolConfig) -> dict:
     slm_config.num_hidden_layers = k
     slm_state = cut_state_dict(state, k)
     slm_state[f"model.layers.{k - 1}.mlp.down_proj.weight"] = new
-    slm = plain_model(slm_config, slm_state, generation)
-    t_fit = time.time() - t1
+    slm = plain_model(slm_config, slm_state, llm.generation_config)
     log.info("SLM (%d of %d layers) top-1 agreement with the LLM on %d held-out reference tokens: "
-             "%.1f%% cut, %.1f%% re-fitted", k, n_layers, n_eval_tokens, 100 * before, 100 * after)
+             "%.1f%% cut, %.1f%% re-fitted", k, llm.config.num_hidden_layers, n_eval_tokens, 100 * before, 100 * after)
+    return slm, {"refit": f"layer {k - 1} mlp.down_proj, ridge least squares on {len(fit)} problems" if fit else None,
+                 "fit": {"data": source, "problems": len(fit), "positions": n_fit_tokens},
+                 "agreement": {"cut": before, "refit": after, "held_out_problems": len(held_out),
+                               "reference_tokens": n_eval_tokens}}
 
+
+def build_smol_world(cfg: SmolConfig) -> dict:
+    """Convert the GGUF LLM, cut and re-fit the SLM, and write both with the shared tokenizer
+    under `cfg.out` as a whole (a temporary directory renamed into place); return world.json."""
+    t0 = time.time()
+    gguf_path = require_extra()
+    source_version = importlib.metadata.version(PACKAGE)
+    out = Path(cfg.out)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.manual_seed(cfg.seed)
+    log.info("building the smol world in %s from %s", out, gguf_path)
+    llm, config, state, tok = convert_llm(gguf_path, cfg.slm_layers)
+    t_convert = time.time() - t0
+    t1 = time.time()
+    slm, fitted = cut_slm(cfg, llm, config, state, tok)
+    t_fit = time.time() - t1
+    generation, n_layers, k = llm.generation_config, llm.config.num_hidden_layers, cfg.slm_layers
     world = {
         "key": cache_key(cfg, source_version),
         "config": asdict(cfg),
@@ -355,11 +369,9 @@ def build_smol_world(cfg: SmolConfig) -> dict:
         "llm": {"layers": n_layers, "parameters": sum(p.numel() for p in llm.parameters()),
                 "flops_per_token": flops_per_token(llm)},
         "slm": {"layers": k, "parameters": sum(p.numel() for p in slm.parameters()),
-                "flops_per_token": flops_per_token(slm),
-                "refit": f"layer {k - 1} mlp.down_proj, ridge least squares on {len(fit)} problems" if fit else None},
-        "fit": {"data": source, "problems": len(fit), "positions": n_fit_tokens},
-        "agreement": {"cut": before, "refit": after, "held_out_problems": len(held_out),
-                      "reference_tokens": n_eval_tokens},
+                "flops_per_token": flops_per_token(slm), "refit": fitted["refit"]},
+        "fit": fitted["fit"],
+        "agreement": fitted["agreement"],
     }
     world["llm_slm_flops_ratio"] = world["llm"]["flops_per_token"] / world["slm"]["flops_per_token"]
     with atomic_directory(out) as tmp:
