@@ -148,9 +148,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
     from pipeline.serving.app import check_port, serve_until_interrupted
-    from pipeline.serving.service import served_router
+    from pipeline.serving.service import check_servable, served_router
 
     router = served_router(run_path(args.run), args.iteration)
+    check_servable(cfg, router)
     check_port(args.host, args.port)
     serve_until_interrupted(cfg, router, threshold=args.threshold, host=args.host, port=args.port,
                             ready=lambda line: print(line, flush=True))

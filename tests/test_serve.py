@@ -30,6 +30,16 @@ SMOL_CONFIG = ROOT / "jobs" / "configs" / "smol-gsm8k.yaml"
 THRESHOLD = 0.5  # the untrained routers' probabilities spread around it: both models write tokens
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Expected outputs are computed in this process, beside the server's replicas: one torch thread
+    (two threads on two busy cores spend most of their time waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def untrained_run(directory: Path, input_size: int) -> Path:
     """A run directory holding one untrained router (serving is about the engine, not its quality)."""
     torch.manual_seed(1)
@@ -425,3 +435,29 @@ def test_smol_16_concurrent_greedy_requests_equal_their_solo_decodes(smol):
         g, text = smol.expected(smol_prompt(smol, messages), max_tokens=10)
         assert reply.choices[0].message.content == text, messages
         assert reply.usage.completion_tokens == len(g.tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text out of tokens, without a server
+
+
+def test_text_streams_whole_characters_and_cuts_at_a_stop_string_split_across_tokens(smol_world):
+    from pipeline.models import load_tokenizer
+    from pipeline.serving.service import TextStream
+
+    tok = load_tokenizer(str(smol_world / "llm"))
+    text = "Café 🙂 costs 3€. The answer is 42.\nDone"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 15 and tok.decode(ids) == text
+    whole = TextStream(tok, [tok.eos_token_id], ())
+    pieces = [whole.push([t]) for t in ids] + [whole.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    cut = TextStream(tok, [tok.eos_token_id], ("answer is 4", "never"))
+    pieces = []
+    for t in ids:
+        pieces.append(cut.push([t]))
+        if cut.stopped:
+            break
+    assert "".join(pieces) == "Café 🙂 costs 3€. The " and cut.stopped
+    ended = TextStream(tok, [tok.eos_token_id], ("Don",))
+    assert ended.push(ids[:3] + [tok.eos_token_id]) + ended.flush() == tok.decode(ids[:3])

@@ -24,6 +24,7 @@ from tests.conftest import DEMO_CONFIG, ROOT, citer_env, free_port, kill_session
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray Serve's own
 SERVE_CONFIG = ROOT / "jobs" / "serve" / "demo.yaml"
+SMOL_CONFIG = ROOT / "jobs" / "configs" / "smol-gsm8k.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_a_run_without_a_router_is_refused_before_ray_starts(tmp_path):
     assert "Started a local Ray" not in result.stderr
 
 
-def test_a_bad_threshold_and_a_busy_port_are_refused(run):
+def test_a_bad_threshold_a_busy_port_and_what_a_replica_would_refuse_are_refused(run, smol_world):
     assert "--threshold must be in [0, 1]" in one_line_error(
         run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "--threshold", "1.5"))
     with socket.socket() as busy:
@@ -77,8 +78,10 @@ def test_a_bad_threshold_and_a_busy_port_are_refused(run):
         port = busy.getsockname()[1]
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(
             run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "--port", str(port)))
-    assert "serve.max_model_len" in one_line_error(
-        run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "serve.max_model_len=0"))
+    assert "serve.max_model_len is 300 but the SLM takes at most 256 positions" in one_line_error(
+        run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "serve.max_model_len=300"))
+    assert "trained for another SLM" in one_line_error(
+        run_citer("serve", str(SMOL_CONFIG), "--run", str(run)))  # the demo's router, SmolLM2's pair
 
 
 @pytest.mark.slow

@@ -84,6 +84,13 @@ class EngineLoop:
         consumer that stops early (its client went away) must `cancel` the job."""
         while True:
             tokens = await job.tokens.get()
+            # a consumer that fell behind takes every step's tokens at once: one chunk, not one per step
+            while tokens is not None and not job.tokens.empty():
+                more = job.tokens.get_nowait()
+                if more is None:
+                    job.tokens.put_nowait(None)
+                    break
+                tokens = tokens + more
             if tokens is None:
                 if job.error is not None:
                     raise job.error

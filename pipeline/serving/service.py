@@ -21,7 +21,7 @@ import torch
 from pipeline import CiterError
 from pipeline.config import Config
 from pipeline.decoding import GREEDY, Engine, LLMOnly, Policy, Request, RouterPolicy, Sampling, SLMOnly, settings
-from pipeline.models import encode_prompts, load_pair
+from pipeline.models import check_model_name, encode_prompts, load_pair
 from pipeline.router import CONFIG, load_router
 from pipeline.rundir import router_dir
 from pipeline.serving.protocol import GenerateRequest, Usage, invalid, queue_full
@@ -51,13 +51,30 @@ def served_name(cfg: Config) -> str:
     return cfg.serve.model_name or cfg.name
 
 
-def check_room(max_model_len: int, pair) -> None:
-    """Refuse rows longer than a model's positions reach (`max_position_embeddings`)."""
-    for role, model in (("SLM", pair.slm), ("LLM", pair.llm)):
-        limit = getattr(model.config, "max_position_embeddings", None)
+def check_room(max_model_len: int, configs: dict[str, object]) -> None:
+    """Refuse rows longer than a model's positions reach (`max_position_embeddings`); `configs`
+    maps SLM and LLM to their model configs."""
+    for role, config in configs.items():
+        limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and max_model_len > limit:
             raise CiterError(f"serve.max_model_len is {max_model_len} but the {role} takes at most {limit} positions: "
                              f"set serve.max_model_len <= {limit}")
+
+
+def check_servable(cfg: Config, router_path: str | StoragePath) -> None:
+    """What a replica would refuse, checked before anything starts: the models' names and positions,
+    and a router that reads the SLM's hidden states."""
+    from transformers import AutoConfig
+
+    configs = {}
+    for role, name in (("SLM", cfg.models.slm), ("LLM", cfg.models.llm)):
+        check_model_name(name)
+        try:
+            configs[role] = AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise CiterError(f"could not read the config of model {name!r}: {e}") from None
+    check_room(cfg.serve.max_model_len, configs)
+    load_router(router_path, expected_input_size=configs["SLM"].hidden_size)
 
 
 @dataclass
@@ -108,7 +125,7 @@ class Service:
         self.cfg, self.name = cfg, served_name(cfg)
         self.threshold = s.threshold if threshold is None else threshold
         self.pair = load_pair(cfg.models)
-        check_room(s.max_model_len, self.pair)
+        check_room(s.max_model_len, {"SLM": self.pair.slm.config, "LLM": self.pair.llm.config})
         self.router = load_router(router_path, expected_input_size=self.pair.hidden_size,
                                   device=self.pair.device).router
         self.router_path = str(router_path)
