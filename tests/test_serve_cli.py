@@ -20,7 +20,7 @@ import yaml
 from pipeline import CiterError
 from pipeline.router import Router, RouterSpec, save_router
 from pipeline.rundir import router_dir
-from tests.conftest import DEMO_CONFIG, ROOT, citer_env, free_port, kill_session, run_citer
+from tests.conftest import DEMO_CONFIG, ROOT, citer_env, free_port, kill_session
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray Serve's own
 SERVE_CONFIG = ROOT / "jobs" / "serve" / "demo.yaml"
@@ -54,34 +54,34 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("citer: error:")]
-    assert len(lines) == 1, result.stderr
+def refused(capsys, *argv: str) -> str:
+    """The one-line error `citer serve ARGV` exits with (code 2), run in this process; Ray never started."""
+    import ray
+
+    from pipeline.cli import main
+
+    assert main(["serve", *argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("citer: error:")]
+    assert len(lines) == 1 and not ray.is_initialized()
     return lines[0]
 
 
-def test_a_run_without_a_router_is_refused_before_ray_starts(tmp_path):
-    result = run_citer("serve", str(DEMO_CONFIG), "--run", str(tmp_path))
-    assert "no trained router" in one_line_error(result)
-    result = run_citer("serve", str(DEMO_CONFIG), "--run", str(tmp_path), "--iteration", "3")
-    assert "iter-003" in one_line_error(result)
-    assert "Started a local Ray" not in result.stderr
+def test_a_run_without_a_router_is_refused(tmp_path, capsys):
+    assert "no trained router" in refused(capsys, str(DEMO_CONFIG), "--run", str(tmp_path))
+    assert "iter-003" in refused(capsys, str(DEMO_CONFIG), "--run", str(tmp_path), "--iteration", "3")
 
 
-def test_a_bad_threshold_a_busy_port_and_what_a_replica_would_refuse_are_refused(run, smol_world):
-    assert "--threshold must be in [0, 1]" in one_line_error(
-        run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "--threshold", "1.5"))
+def test_a_bad_threshold_a_busy_port_and_what_a_replica_would_refuse_are_refused(run, smol_world, capsys):
+    demo = [str(DEMO_CONFIG), "--run", str(run)]
+    assert "--threshold must be in [0, 1]" in refused(capsys, *demo, "--threshold", "1.5")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(
-            run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "--port", str(port)))
-    assert "serve.max_model_len is 300 but the SLM takes at most 256 positions" in one_line_error(
-        run_citer("serve", str(DEMO_CONFIG), "--run", str(run), "serve.max_model_len=300"))
-    assert "trained for another SLM" in one_line_error(
-        run_citer("serve", str(SMOL_CONFIG), "--run", str(run)))  # the demo's router, SmolLM2's pair
+        assert f"cannot listen on 127.0.0.1:{port}" in refused(capsys, *demo, "--port", str(port))
+    assert "serve.max_model_len is 300 but the SLM takes at most 256 positions" in refused(
+        capsys, *demo, "serve.max_model_len=300")
+    assert "trained for another SLM" in refused(capsys, str(SMOL_CONFIG), "--run", str(run))  # SmolLM2's pair
 
 
 @pytest.mark.slow
