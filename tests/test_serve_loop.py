@@ -16,20 +16,10 @@ from pipeline.rundir import router_dir
 from pipeline.serving.protocol import parse_request
 from pipeline.serving.service import Service
 from tests.conftest import DEMO_CONFIG
-from tests.test_serve import questions
+from tests.test_serve import one_torch_thread, questions  # noqa: F401 - the autouse fixture applies here too
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="needs a CUDA GPU (none is visible here)"))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Expected outputs are computed in this process, beside the server's replicas: one torch thread
-    (two threads on two busy cores spend most of their time waiting for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
