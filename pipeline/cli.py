@@ -145,6 +145,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   runtime_env_file=args.runtime_env, secrets=args.forward_secrets)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    cfg = load_job_config(args.config, args.overrides)
+    from pipeline.serving.app import check_port, serve_until_interrupted
+    from pipeline.serving.service import check_servable, served_router
+
+    router = served_router(run_path(args.run), args.iteration)
+    check_servable(cfg, router)
+    check_port(args.host, args.port)
+    serve_until_interrupted(cfg, router, threshold=args.threshold, host=args.host, port=args.port,
+                            ready=lambda line: print(line, flush=True))
+
+
 FORCE_HELP = ("take the run's lease even if another process holds it (only when that process is known to be "
               "dead; otherwise a start waits for its lease to expire)")
 
@@ -253,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "table, readable from the dashboard; prefer the cluster's secret store)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("serve", help="serve a trained router pair behind OpenAI's API (Ray Serve)",
+                       description="Serve the SLM, the LLM and RUN's router on Ray Serve (the embedded local Ray, "
+                                   "or RAY_ADDRESS's cluster) with OpenAI's chat and completions API, streaming "
+                                   "included, until Ctrl-C. Requests route with the router at --threshold unless "
+                                   "they ask otherwise (docs/serving.md).")
+    p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml (its serve section sizes the engine)")
+    p.add_argument("--run", required=True, help="run directory whose router to serve")
+    p.add_argument("--iteration", type=int, help="the iteration's router (default: the last one trained)")
+    p.add_argument("--threshold", type=float, help="default router threshold (default: serve.threshold)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -159,6 +159,28 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """`citer serve`: one engine per Ray Serve replica behind OpenAI's API (docs/serving.md).
+
+    A replica decodes up to `max_batch` requests at once (the engine's slots, each holding
+    `max_model_len` tokens of prompt and completion) and holds up to `max_queue` more waiting for a
+    slot; past that a request gets HTTP 429. `max_tokens` is a request's completion limit when it
+    sets none. A request routes with the router at `threshold` unless it asks otherwise. Each
+    replica reserves `num_cpus_per_replica` CPUs (its torch threads) and `num_gpus_per_replica`
+    GPUs (null: the collect actors' `collect.num_gpus_per_actor`, which hold the same pair)."""
+
+    model_name: str | None = None  # the model id clients send; null: the config's `name`
+    threshold: float = _f(0.9, range=(0.0, 1.0))
+    max_batch: int = _f(32, range=(1, None))
+    max_queue: int = _f(256, range=(0, None))
+    max_model_len: int = _f(1024, range=(2, None))
+    max_tokens: int = _f(256, range=(1, None))
+    num_replicas: int = _f(1, range=(1, None))
+    num_cpus_per_replica: float = _f(1.0, range=(0.0, None))
+    num_gpus_per_replica: float | None = _f(None, range=(0.0, None))
+
+
+@dataclass(frozen=True, kw_only=True)
 class CollectConfig:
     """The labelling stage (Ray Data actors holding both models)."""
 
@@ -256,6 +278,7 @@ class Config:
     deepspeed: DeepSpeedConfig = _f(factory=DeepSpeedConfig)
     loop: LoopConfig = _f(factory=LoopConfig)
     tracking: TrackingConfig = _f(factory=TrackingConfig)
+    serve: ServeConfig = _f(factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

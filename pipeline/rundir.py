@@ -42,7 +42,7 @@ RESUMABLE_CHANGES = ("name", "storage", "demo", "loop.iterations", "tracking", "
                      "models.llm_device_map", "models.llm_max_memory", "models.llm_offload_folder",
                      "collect.num_actors", "collect.num_cpus_per_actor", "collect.num_gpus_per_actor",
                      "collect.batch_size", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
-                     "train.max_failures", "eval.batch_size", "eval.shard_size", "decode")
+                     "train.max_failures", "eval.batch_size", "eval.shard_size", "decode", "serve")
 
 
 # ---------------------------------------------------------------------------------------------

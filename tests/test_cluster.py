@@ -27,7 +27,8 @@ from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
 IMAGE_TAG = re.compile(r"^REGISTRY/citer:[\w.]+-ray(?P<ray>[\d.]+)$")
-# The RayCluster and RayJob CRDs' OpenAPI schemas of the KubeRay release the manifests target (tests/data/README.md).
+# The RayCluster, RayJob and RayService CRDs' OpenAPI schemas of the KubeRay release the manifests target
+# (tests/data/README.md).
 KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1.7.0-crd-schemas.json.gz"
 GPU_CONFIGS = ("gsm8k-qwen2.yaml", "csqa-llama3.yaml")
 SECRET_KEYS = {"WANDB_API_KEY": "wandb-api-key", "HF_TOKEN": "hf-token"}  # env name -> key in citer-secrets
@@ -64,7 +65,8 @@ def kuberay_docs() -> dict[str, list[dict]]:
 def cluster_specs() -> dict[str, dict]:
     docs = kuberay_docs()
     return {"raycluster.yaml": docs["raycluster.yaml"][0]["spec"],
-            "rayjob.yaml": docs["rayjob.yaml"][0]["spec"]["rayClusterSpec"]}
+            "rayjob.yaml": docs["rayjob.yaml"][0]["spec"]["rayClusterSpec"],
+            "rayservice.yaml": docs["rayservice.yaml"][0]["spec"]["rayClusterConfig"]}
 
 
 def launcher() -> dict:
@@ -129,7 +131,7 @@ def test_the_installed_ray_is_the_pinned_one():
 def test_kuberay_manifests_name_the_pinned_ray_and_a_real_entrypoint():
     version = pinned_ray()
     docs = kuberay_docs()
-    assert set(docs) == {"raycluster.yaml", "rayjob.yaml", "storage.yaml"}
+    assert set(docs) == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "storage.yaml"}
     claim = docs["storage.yaml"][0]["metadata"]["name"]
     for spec in cluster_specs().values():
         assert spec["rayVersion"] == version
@@ -253,7 +255,8 @@ def test_launcher_checks_the_gpu_driver_for_torchs_cuda(tmp_path, answer, code):
 
 def test_kuberay_manifests_match_the_crd_schemas_of_kuberay_v1_7_0():
     kinds = {d["kind"] for ds in kuberay_docs().values() for d in ds}
-    assert set(crd_schemas()) == {"RayCluster", "RayJob"} and kinds == {"RayCluster", "RayJob", "PersistentVolumeClaim"}
+    assert set(crd_schemas()) == {"RayCluster", "RayJob", "RayService"}
+    assert kinds == {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"}
     for name, docs in kuberay_docs().items():
         for doc in docs:
             if doc["kind"] in crd_schemas():  # the claim is core Kubernetes, not KubeRay's
@@ -325,6 +328,29 @@ def test_gpu_configs_fit_the_gpus_the_cluster_files_provide(name):
         nodes = node["max_gpus"] // node["gpus"]
         bundles = nodes * (node["gpus"] // c.num_gpus_per_actor)
         assert c.num_actors <= bundles, where  # collect and evaluation actors alike
+
+
+def test_the_rayservice_serves_a_trained_run_of_a_shipped_config_on_the_gpus_a_worker_has():
+    """serveConfigV2 passes Serve's own schema; its app builder imports; its config loads and its run is that
+    config's run directory; a replica's GPUs (the collect actors') fit one worker pod, whose port 8000 is open."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serving.app import build_app, replica_options
+
+    doc = kuberay_docs()["rayservice.yaml"][0]
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, _, name = app.import_path.partition(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is build_app
+    assert set(app.args) <= {"config", "run", "iteration", "threshold", "overrides"}
+    cfg = load_config(ROOT / app.args["config"].removeprefix("/app/"))
+    assert app.args["run"] == f"{cfg.storage}/{cfg.name}"
+    gpus = replica_options(cfg)["ray_actor_options"]["num_gpus"]
+    assert gpus == cfg.collect.num_gpus_per_actor and cfg.models.llm_device_map is not None
+    worker = cluster_specs()["rayservice.yaml"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert 1 <= gpus <= int(worker["resources"]["limits"]["nvidia.com/gpu"])
+    assert {"containerPort": 8000, "name": "serve"} in worker["ports"]
+    assert serve_config.http_options.port == 8000
 
 
 def test_the_rayjob_driver_reserves_no_gpu():
