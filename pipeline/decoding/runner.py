@@ -133,8 +133,9 @@ class ModelRunner:
         out = {"tokens": logits.argmax(-1), "logits": logits}
         if self.summarize:
             out["confidence"] = torch.softmax(logits[:, -1].float(), dim=-1).max(dim=-1).values
-            out["prob"] = (self.router.prob(hidden[:, -1]) if self.router is not None
-                           else torch.full_like(out["confidence"], float("nan")))
+            out["prob"] = (self.router.step_prob(hidden[:, -1], logits[:, -1], out["tokens"][:, -1],
+                                                 self.model.get_input_embeddings())
+                           if self.router is not None else torch.full_like(out["confidence"], float("nan")))
         return out
 
     def _to_host(self, out: dict[str, torch.Tensor], b: int, w: int) -> StepOutput:
