@@ -92,6 +92,21 @@ def wilson(successes: int, trials: int, level: float = LEVEL) -> list[float | No
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """Area under the ROC curve of `scores` for `labels` (1 = positive): the probability that a
+    positive scores above a negative, ties counting half (Mann-Whitney). With `weights` (B, n),
+    per-row weights on the items (bootstrap counts), one AUC per row."""
+    order = np.argsort(scores, kind="stable")
+    s, y = np.asarray(scores)[order], np.asarray(labels, dtype=np.float64)[order]
+    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, dtype=np.float64)[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    pos, neg = np.add.reduceat(w * y, starts, axis=1), np.add.reduceat(w * (1 - y), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+    return float(auc[0]) if weights is None else auc
+
+
 # ---------------------------------------------------------------------------------------------
 # Curves of accuracy against LLM-call ratio, per resample
 

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.statistics import Resamples, calls_to_reach, curve_area, difference, interval, wilson
+from pipeline.statistics import Resamples, calls_to_reach, curve_area, difference, interval, roc_auc, wilson
 
 
 def exact_bootstrap_means(values: list[float]) -> dict[float, float]:
@@ -103,5 +103,19 @@ def test_curve_figures_per_resample_equal_a_scalar_walk_per_row():
     for b in range(400):
         assert calls[b] == pytest.approx(reference_calls(x[b], y[b], slm[b], target[b]))
         pts = sorted([(0.0, slm[b]), (1.0, llm[b]), *zip(x[b], y[b], strict=True)])
-        assert areas[b] == pytest.approx(sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts)))
+        trapezoids = [(x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts)]
+        assert areas[b] == pytest.approx(sum(trapezoids))
     assert np.isinf(calls).any() and (calls == 0).any()  # both edge cases met
+
+
+def test_roc_auc_counts_pairs_with_ties_and_weights():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 6, 40) / 5  # many ties
+    labels = rng.random(40) < 0.6
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, la in zip(scores, labels, strict=True) if la
+             for b, lb in zip(scores, labels, strict=True) if not lb]
+    assert roc_auc(scores, labels) == pytest.approx(np.mean(pairs))
+    counts = rng.integers(0, 3, size=(5, 40))  # a weight is how often an item is drawn: repeat it
+    for row, auc in zip(counts, roc_auc(scores, labels, counts), strict=True):
+        keep = np.repeat(np.arange(40), row)
+        assert auc == pytest.approx(roc_auc(scores[keep], labels[keep]))
