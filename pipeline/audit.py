@@ -88,5 +88,6 @@ def audit_text(summary: dict[str, dict[str, Any]]) -> str:
             continue
         lo, hi = a["interval"]
         parts.append(f"{name} {100 * a['agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {a['decided']} "
-                     f"decided ({a['audited']} audited, {a['neither']} neither right)")
+                     f"decided ({a['audited']} audited, {a['neither']} with neither continuation right, "
+                     f"{a['models_differ']} where the models' tokens differ)")
     return "shortcut audit, agreement with rollouts: " + ("; ".join(parts) if parts else "no token audited")

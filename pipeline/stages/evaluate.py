@@ -237,6 +237,18 @@ class EvalDecoder:
         self.router = load_router(router, expected_input_size=self.pair.hidden_size,
                                   device=self.pair.device).router if router else None
         self.parts, self.runs, self.signature = run_path(parts), runs, signature
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """A short untimed decode with each model (and the router): an actor's first decode pays
+        one-off costs (first kernels, allocations) that would otherwise weigh on the timings of
+        whichever run comes first, such as a refinement step's only one."""
+        prompt = encode_prompts(self.pair.tokenizer, ["warm up"], self.cfg.models.chat_template,
+                                self.cfg.task.system_prompt)
+        policies = [SLMOnly(), LLMOnly()] + ([RouterPolicy(self.router, 0.5)] if self.router is not None else [])
+        for policy in policies:
+            decode(self.pair.slm, self.pair.llm, prompt * 8, policy, **self.pair.decode_kwargs, max_new_tokens=8,
+                   batch_size=8, **settings(self.cfg.decode))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"shard": []}
