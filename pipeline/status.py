@@ -81,5 +81,6 @@ def run_status(run: str | StoragePath) -> str:
                   f"    eval:    {evaluation}"]
     records = read_metrics_records(run)
     if records:
-        lines += ["", "convergence (finished iterations):", convergence_table(records), *evidence_summary(records)]
+        lines += ["", "convergence (finished iterations):", convergence_table(records),
+                  *evidence_summary(records, audit=False)]  # each iteration's collect line shows its audit
     return "\n".join(lines)

@@ -64,7 +64,7 @@ def test_rollouts_decide_labels_and_the_loop_converges(runs):
     status = run_status(runs / "rollout")
     table = status.split("convergence (finished iterations):")[1].splitlines()
     assert [line.split()[0] for line in table[3:6]] == ["0", "1", "2"]  # one row per iteration
-    assert "iteration 2 vs 1 (router, same problems):" in status and "iteration 0 shortcut audit" in status
+    assert "iteration 2 vs 1 (router, same problems):" in status and "shortcut audit, agreement with rollouts" in status
     assert "break-even" in status and "cost of 3 iterations: collect" in status
 
 

@@ -51,9 +51,9 @@ def convergence_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evidence_summary(records: list[dict[str, Any]]) -> list[str]:
+def evidence_summary(records: list[dict[str, Any]], audit: bool = True) -> list[str]:
     """Lines after the convergence table: each iteration's router against the previous one's, the
-    shortcut audit per iteration, the run's cost so far and the break-even."""
+    shortcut audit per iteration (unless `audit` is off), the run's cost so far and the break-even."""
     from pipeline.audit import audit_text
     from pipeline.cost import STAGES, break_even_text
     from pipeline.stages.evidence import comparison_text
@@ -62,7 +62,8 @@ def evidence_summary(records: list[dict[str, Any]]) -> list[str]:
     lines = [comparison_text(f"iteration {r['iteration']} vs {r['iteration'] - 1} (router, same problems)",
                              r["router/vs_previous"], f"iteration {r['iteration']}", "the previous")
              for r in records if r.get("router/vs_previous")]
-    lines += [f"iteration {r['iteration']} {audit_text(r['collect/audit'])}" for r in records if r.get("collect/audit")]
+    lines += [f"iteration {r['iteration']} {audit_text(r['collect/audit'])}" for r in records
+              if audit and r.get("collect/audit")]
     if records and "cost/total/wall_seconds" in records[-1]:
         last = records[-1]
         walls = ", ".join(f"{stage} {sum(r.get(f'cost/{stage}/wall_seconds', 0.0) for r in records):,.0f} s"
