@@ -4,8 +4,9 @@
 Both runs use jobs/configs/demo.yaml and differ only in `collect.case3_labels`. The rollout run is
 `make demo`'s run directory (resumed, or run here if absent); the myopic run gets its own
 directory. For each final router it prints the LLM-call ratio needed to reach the LLM's accuracy
-minus 1 point (interpolated on the measured curve) and the accuracy at 5% and 10% LLM tokens,
-plus the ratio of the two LLM-call figures.
+minus 1 point (on the refined sweep) and the accuracy at 5% and 10% LLM tokens, the ratio of the
+two LLM-call figures, and their paired difference with its 95% interval ("not separable" where it
+holds 0).
 
 Run: python benchmarks/ablation.py [--rollout-run runs/demo] [--myopic-run runs/demo-myopic]
      [--json out.json] [KEY.SUB=VALUE ...]    (overrides apply to both runs)
@@ -23,20 +24,23 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.stages.evaluate import accuracy_at_ratio
+from pipeline.stages.evidence import compare_runs, comparison_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def summarise(result: dict) -> dict:
-    """The router's headline figures from an eval.json."""
-    points = [p for p in result["points"] if p["method"] == "router"]
+    """The router's headline figures from an eval.json (intervals: 95%, paired bootstrap)."""
+    points = [p for p in result["points"] if p["method"] == "router" and not p.get("refined")]
     slm, llm = result["slm_accuracy"], result["llm_accuracy"]
     return {
         "llm_calls_to_target": result["llm_calls_to_target"].get("router"),
         "target_accuracy": result["target_accuracy"],
         "accuracy_at_5pct": accuracy_at_ratio(points, 0.05, slm, llm),
         "accuracy_at_10pct": accuracy_at_ratio(points, 0.10, slm, llm),
+        "llm_calls_to_target_interval": result["intervals"]["llm_calls_to_target"].get("router"),
         "auc": result["auc"].get("router"),
+        "auc_interval": result["intervals"]["auc"].get("router"),
         "llm_accuracy": llm,
         "slm_accuracy": slm,
     }
@@ -81,9 +85,14 @@ def main() -> None:
                       ("accuracy_at_10pct", "accuracy at 10% LLM tokens")):
         print(f"{name:<44}{fmt(a[key]):>12}{fmt(b[key]):>12}{'':>16}")
     print(f"{'AUC':<44}{a['auc']:>12.3f}{b['auc']:>12.3f}")
+    cfg = load_config(args.config, args.overrides)
+    compared = compare_runs(rollout, myopic, "router", cfg.eval.bootstrap_resamples, cfg.eval.seed)
+    print("\n" + comparison_text("rollout vs myopic labels (paired over the same held-out problems)", compared,
+                                  "the rollout router", "the myopic one"))
     print(f"\nruns: {args.rollout_run} ({rollout_s:.0f} s here), {args.myopic_run} ({myopic_s:.0f} s here)")
     if args.json:
         args.json.write_text(json.dumps({"rollout": a, "myopic": b, "myopic_over_rollout_llm_calls": ratio,
+                                         "rollout_minus_myopic": compared,
                                          "iterations": iterations, "seconds": {"rollout": rollout_s,
                                                                                "myopic": myopic_s}}, indent=2))
         print(f"wrote {args.json}")

@@ -114,7 +114,7 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
     from pipeline.rundir import CONVERGENCE_PNG, CURVE_PNG, METRICS, iteration_dir, router_dir
-    from pipeline.stages.convergence import convergence_table
+    from pipeline.stages.convergence import convergence_table, evidence_summary
     from pipeline.stages.evaluate import format_table
     from pipeline.stages.loop import run_loop
     from pipeline.tracking import read_metrics_records
@@ -127,7 +127,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"\nfinal curve (iteration {last}) against the baselines:")
     print(format_table(result))
     print("\nconvergence:")
-    print(convergence_table(read_metrics_records(run)))
+    records = read_metrics_records(run)
+    print("\n".join([convergence_table(records), *evidence_summary(records)]))
     print(f"\ncurve: {iteration_dir(run, last) / CURVE_PNG}\nconvergence: {run / CONVERGENCE_PNG}\n"
           f"metrics per iteration: {run / METRICS}\nrouter: {router_dir(run, last)}")
 

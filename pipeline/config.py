@@ -22,11 +22,13 @@ from pipeline import CiterError
 
 def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None,
        range: tuple | None = None, factory: Any = None, unit_items: bool = False,
-       item_choices: tuple | None = None, key_choices: tuple | None = None) -> Any:
+       item_choices: tuple | None = None, key_choices: tuple | None = None, item_range: tuple | None = None,
+       distinct: bool = False) -> Any:
     """A dataclass field with validation metadata: allowed choices, inclusive numeric range,
-    a list whose items must all lie in [0, 1] (`unit_items`) or be among `item_choices`."""
+    a list whose items must all lie in [0, 1] (`unit_items`), in `item_range`, or be among
+    `item_choices`; `distinct`: a non-empty list without repeated items."""
     meta = {"choices": choices, "range": range, "unit_items": unit_items, "item_choices": item_choices,
-            "key_choices": key_choices}
+            "key_choices": key_choices, "item_range": item_range, "distinct": distinct}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -103,12 +105,25 @@ class SmolConfig:
     data: str = "../shared/data/gsm8k"
 
 
+ROUTER_FEATURES = ("hidden", "topk", "token_embedding")  # in the order the router reads them
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
-    """The router MLP: Linear(d, m1*d) -> BN -> ReLU -> Dropout -> ... -> Linear(., 1)."""
+    """The router MLP: Linear(f, m1*d) -> BN -> ReLU -> Dropout -> ... -> Linear(., 1), d the SLM's
+    hidden size and f the width of its inputs.
+
+    `features`: what it reads at each step: `hidden` (the SLM's last hidden state, CITER's input),
+    `topk` (the SLM's `top_k` largest next-token probabilities, at most its vocabulary) and
+    `token_embedding` (the SLM's input embedding of its greedy token); the last two are R2R's
+    extra inputs. `hidden_sizes`, when set, gives the hidden layers' widths and replaces
+    `hidden_mults` ([] is a linear router)."""
 
     hidden_mults: list[float] = _f(factory=lambda: [2.0, 1.0])
+    hidden_sizes: list[int] | None = _f(None, item_range=(1, None))
     dropout: float = _f(0.1, range=(0.0, 1.0))
+    features: list[str] = _f(factory=lambda: ["hidden"], item_choices=ROUTER_FEATURES, distinct=True)
+    top_k: int = _f(100, range=(1, None))
 
 
 EVAL_METHODS = ("slm", "llm", "router", "random", "confidence", "query", "speculative")
@@ -135,7 +150,14 @@ class EvalConfig:
     random_ratios: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7])
     confidence_thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     query_fractions: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    seed: int = 0  # random routing draws
+    seed: int = 0  # random routing draws and the bootstrap's resamples
+    # The router's and confidence routing's sweeps refine themselves around the target accuracy (the
+    # LLM's minus 1 point): up to `refine_steps` extra decodes each, bisecting the threshold between
+    # the two points that bracket the target, until their LLM-call ratios are within `refine_tolerance`.
+    refine_steps: int = _f(4, range=(0, None))
+    refine_tolerance: float = _f(0.01, range=(0.0, 1.0))
+    bootstrap_resamples: int = _f(2000, range=(100, None))  # paired bootstrap over held-out problems
+    length_buckets: int = _f(4, range=(1, None))  # quantile buckets of prompt and generation length
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +219,9 @@ class CollectConfig:
     num_cpus_per_actor: float = _f(1.0, range=(0.0, None))
     num_gpus_per_actor: float = _f(0.0, range=(0.0, None))
     n_examples: int | None = None  # cap on training examples; None = all
+    # Shortcut audit: this share of case-1 and case-2 tokens (a seeded sample) is also labelled by
+    # rollouts, from the SLM's token and from the LLM's, under the iteration's policy.
+    audit_rate: float = _f(0.0, range=(0.0, 1.0))
 
 
 # Top-level keys of a DeepSpeed config (its JSON reference). DeepSpeed ignores unknown top-level
@@ -413,6 +438,14 @@ def _check_meta(f: dataclasses.Field, value: Any, key: str, source: str) -> None
                 close = difflib.get_close_matches(str(k), f.metadata["key_choices"], n=1)
                 hint = f" (did you mean '{key}.{close[0]}'?)" if close else ""
                 raise CiterError(f"{source}: key '{key}.{k}': not a DeepSpeed config key{hint}")
+    if f.metadata.get("distinct") and (not value or len(set(value)) != len(value)):
+        raise CiterError(f"{source}: key '{key}': expected distinct items, at least one, got {value!r}")
+    if f.metadata.get("item_range") and value is not None:
+        lo, hi = f.metadata["item_range"]
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        for i, v in enumerate(value):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise CiterError(f"{source}: key '{key}[{i}]': {v!r} must be {want}")
     if f.metadata.get("unit_items") or f.metadata.get("item_choices"):
         for i, v in enumerate(value):
             if f.metadata.get("item_choices") and v not in f.metadata["item_choices"]:

@@ -13,7 +13,7 @@ once. The public CITER code instead calls `generate` once per token; a test chec
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class TeacherForced:
     slm_tokens: np.ndarray  # (n,) greedy SLM token at each reference position
     llm_tokens: np.ndarray  # (n,)
     slm_hidden: np.ndarray  # (n, d) float16: the SLM's last hidden state the router reads there
+    # The router's other inputs there, by feature name ("topk", "token_embedding"): (n, width) float16.
+    slm_features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def cases(self) -> np.ndarray:
@@ -66,9 +68,13 @@ def context_length(*configs) -> int | None:
 
 @torch.no_grad()
 def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: bool = False,
-                   system_prompt: str | None = None, batch_size: int = 16) -> list[TeacherForced]:
+                   system_prompt: str | None = None, batch_size: int = 16, features: tuple[str, ...] = (),
+                   top_k: int = 0) -> list[TeacherForced]:
     """Both models' greedy tokens (over the tokenizer's ids) and the SLM's hidden states at every
-    reference position."""
+    reference position, and the router's other `features` there (`Router.step_features`'s, from
+    the same logits and greedy tokens the decoder's SLM step has)."""
+    from pipeline.router import step_features
+
     limit = context_length(pair.slm.config, pair.llm.config)
     encoded = [encode_reference(pair.tokenizer, ex, chat_template=chat_template, end_id=pair.end_of_turn_id,
                                 max_length=limit, system_prompt=system_prompt) for ex in examples]
@@ -83,6 +89,10 @@ def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: b
         slm_out = pair.slm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         llm_logits = pair.llm(input_ids=ids, attention_mask=mask).logits
         slm_tok, llm_tok = slm_out.logits[..., :n_ids].argmax(-1).cpu(), llm_logits[..., :n_ids].argmax(-1).cpu()
+        extra = [f for f in features if f != "hidden"]
+        extras = {f: v.float().cpu() for f, v in step_features(
+            extra, top_k, None, slm_out.logits[..., :n_ids], slm_tok.to(pair.device),
+            pair.slm.get_input_embeddings()).items()}
         hidden = slm_out.hidden_states[-1].float().cpu()
         del slm_out, llm_logits
         for i, ((prompt, reference), ex) in enumerate(zip(chunk, examples[start : start + batch_size], strict=True)):
@@ -91,6 +101,7 @@ def teacher_forced(pair: ModelPair, examples: list[Example], *, chat_template: b
                 example_id=ex.id, prompt_ids=prompt, reference_ids=reference,
                 slm_tokens=slm_tok[i, pos].numpy(), llm_tokens=llm_tok[i, pos].numpy(),
                 slm_hidden=hidden[i, pos].numpy().astype(np.float16),
+                slm_features={f: v[i, pos].numpy().astype(np.float16) for f, v in extras.items()},
             ))
     return out
 
@@ -112,6 +123,11 @@ class TokenLabel:
     case: int  # 1, 2 or 3
     label: int  # 1 = the SLM suffices, 0 = the LLM is needed
     rollout_correct: bool | None  # case 3 only
+    slm_features: dict[str, np.ndarray] = field(default_factory=dict)  # the router's other inputs
+    # The shortcut audit (sampled case-1/2 tokens only): whether the rollout from the SLM's token,
+    # and from the LLM's, reached the gold answer.
+    audit_slm_correct: bool | None = None
+    audit_llm_correct: bool | None = None
 
 
 def rollout_positions(tf: TeacherForced, max_rollouts: int) -> list[int]:
@@ -133,7 +149,7 @@ class Rollout:
     prompt_ids: list[int]
     reference_ids: list[int]
     position: int
-    slm_token: int
+    slm_token: int  # the continuation's first token: the SLM's (case 3; the audit also starts from the LLM's)
     answer: str
     labels: list[str] | None = None  # the example's choice labels (multiple choice)
 
@@ -206,36 +222,93 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
 
 def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
                    policy, max_rollouts: int, max_new_tokens: int, batch_size: int,
-                   case3_labels: str = "rollout", decoding: dict | None = None
-                   ) -> tuple[list[TokenLabel], dict[str, int]]:
+                   case3_labels: str = "rollout", decoding: dict | None = None, audit_rate: float = 0.0,
+                   audit_seed: int = 0) -> tuple[list[TokenLabel], dict[str, int]]:
     """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
     case 3 from rollouts under `policy` (or, with `case3_labels="llm"`, the myopic rule: "prefer
-    the LLM" without a rollout). Returns the labels and counts: `case3_dropped` (case-3 tokens the
-    `max_rollouts` cap left out) and `rollouts_unfinished`."""
+    the LLM" without a rollout), and the shortcut audit of `audit_rate` of the case-1/2 tokens
+    (`audit_positions`, `audit_rollouts`). Returns the labels and counts: `case3_dropped` (case-3
+    tokens the `max_rollouts` cap left out), `rollouts_unfinished` (case 3) and
+    `audit_rollouts_unfinished`."""
     jobs, dropped = [], 0
     for e, t in enumerate(tf):
         chosen = rollout_positions(t, max_rollouts)
         dropped += int((t.cases == NEEDS_ROLLOUT).sum()) - len(chosen)
         jobs += [(e, i) for i in chosen]
     results, unfinished = [False] * len(jobs), 0
+    kw = dict(task_format=task_format, policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size,
+              decoding=decoding)
     if case3_labels == "rollout":
         rollouts = [Rollout(tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), examples[e].answer,
                             examples[e].labels) for e, i in jobs]
-        results, unfinished = run_rollouts(pair, rollouts, task_format=task_format, policy=policy,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size, decoding=decoding)
+        results, unfinished = run_rollouts(pair, rollouts, **kw)
     elif case3_labels != "llm":
         raise CiterError(f"collect.case3_labels must be 'rollout' or 'llm', got {case3_labels!r}")
     outcome = dict(zip(jobs, results, strict=True))
+    audited = [(e, i) for e, t in enumerate(tf) for i in audit_positions(t.example_id, t.cases, audit_rate, audit_seed)]
+    audits, audit_unfinished = audit_rollouts(pair, [AuditToken(
+        tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), int(tf[e].llm_tokens[i]),
+        examples[e].answer, examples[e].labels) for e, i in audited], **kw)
+    audit = dict(zip(audited, audits, strict=True))
     labels = []
     for e, t in enumerate(tf):
         for i, case in enumerate(t.cases.tolist()):
             if case == NEEDS_ROLLOUT and (e, i) not in outcome:
                 continue
             correct = outcome.get((e, i)) if case3_labels == "rollout" else None
+            slm_ok, llm_ok = audit.get((e, i), (None, None))
             labels.append(TokenLabel(
                 example_id=t.example_id, position=i, token_id=t.reference_ids[i], slm_token=int(t.slm_tokens[i]),
                 llm_token=int(t.llm_tokens[i]), slm_hidden=t.slm_hidden[i], case=case,
                 label=1 if case == SLM_ENOUGH else 0 if case == LLM_NEEDED else int(bool(correct)),
-                rollout_correct=correct,
+                rollout_correct=correct, slm_features={f: v[i] for f, v in t.slm_features.items()},
+                audit_slm_correct=slm_ok, audit_llm_correct=llm_ok,
             ))
-    return labels, {"case3_dropped": dropped, "rollouts_unfinished": unfinished}
+    return labels, {"case3_dropped": dropped, "rollouts_unfinished": unfinished,
+                    "audit_rollouts_unfinished": audit_unfinished}
+
+
+# ---------------------------------------------------------------------------------------------
+# The shortcut audit
+
+
+def audit_positions(example_id: str, cases: np.ndarray, rate: float, seed: int) -> list[int]:
+    """The case-1 and case-2 positions of an example the shortcut audit rolls out: those whose
+    seeded hash of (example id, position) falls below `rate`, so reruns, later iterations and
+    other machines audit the same tokens."""
+    from pipeline.shards import seeded_unit
+
+    if rate <= 0:
+        return []
+    return [i for i, case in enumerate(np.asarray(cases).tolist())
+            if case in (SLM_ENOUGH, LLM_NEEDED) and seeded_unit(seed, f"audit:{example_id}:{i}") < rate]
+
+
+@dataclass(frozen=True)
+class AuditToken:
+    """A case-1/2 token to audit: where it is, both models' greedy tokens there, and the gold answer."""
+
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    position: int
+    slm_token: int
+    llm_token: int
+    answer: str
+    labels: list[str] | None = None
+
+
+def audit_rollouts(pair: ModelPair, tokens: list[AuditToken], **rollout_kw) -> tuple[list[tuple[bool, bool]], int]:
+    """Per token, (the rollout from the SLM's token reached the gold answer, the rollout from the
+    LLM's did), both finished under the policy in `rollout_kw` (`run_rollouts`'s arguments); where
+    the two tokens are the same one rollout serves both. Also the number of rollouts cut off."""
+    rollouts, slots = [], []
+    for t in tokens:
+        first = len(rollouts)
+        rollouts.append(Rollout(t.prompt_ids, t.reference_ids, t.position, t.slm_token, t.answer, t.labels))
+        if t.llm_token != t.slm_token:
+            rollouts.append(Rollout(t.prompt_ids, t.reference_ids, t.position, t.llm_token, t.answer, t.labels))
+        slots.append((first, len(rollouts) - 1))
+    if not rollouts:
+        return [], 0
+    outcomes, unfinished = run_rollouts(pair, rollouts, **rollout_kw)
+    return [(outcomes[a], outcomes[b]) for a, b in slots], unfinished

@@ -10,6 +10,7 @@
       iter-NNN/router/   the iteration's router
       iter-NNN/eval-parts/ each evaluation shard's decodes (eval.json is made from them)
       iter-NNN/eval.json, curve.png
+      iter-NNN/audit.jsonl tokens the shortcut audit's rollouts labelled against the shortcut
       iter-NNN/_DONE     the iteration's convergence metrics, written last
 
 `run.json` records the config on first use; a later stage with a config that differs in a key
@@ -35,6 +36,7 @@ METRICS = "metrics.jsonl"
 TRAIN_DIR = "train"
 EVAL_JSON, CURVE_PNG, CONVERGENCE_PNG = "eval.json", "curve.png", "convergence.png"
 EVAL_PARTS = "eval-parts"  # each evaluation shard's decodes, written as it completes
+AUDIT_JSONL = "audit.jsonl"
 # Keys that may change between runs over one run directory: how much to do and with what
 # resources, and where to log. Any other change would mix results of two configs in one run
 # (labels, routers or curves already written), so it is refused.

@@ -3,7 +3,9 @@ convergence figures read, and the split of their tokens into training and valida
 
 One row per reference token (`SCHEMA`): the example and position, the token and both models'
 greedy tokens there, the SLM's hidden state (float16), the label (1 = the SLM suffices), the case
-(1-3) and, for case 3, whether the rollout was correct.
+(1-3), and for case 3 whether the rollout was correct. Optional columns follow: the router's other
+inputs when its config reads them (`FEATURE_SCHEMA`), and for the tokens the shortcut audit
+sampled whether the rollouts from the SLM's and from the LLM's token were (`AUDIT_SCHEMA`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,27 @@ SCHEMA = pa.schema([
     ("case", pa.int8()),
     ("rollout_correct", pa.bool_()),
 ])
+# Optional columns: the router's inputs besides the hidden state (`router.features`), and the
+# shortcut audit's outcomes (`collect.audit_rate` > 0; null where a token was not audited).
+FEATURE_SCHEMA = {"topk": pa.field("slm_topk", pa.list_(pa.float16())),
+                  "token_embedding": pa.field("slm_token_embedding", pa.list_(pa.float16()))}
+AUDIT_SCHEMA = [pa.field("audit_slm_correct", pa.bool_()), pa.field("audit_llm_correct", pa.bool_())]
 
 
-def labels_table(labels) -> pa.Table:
-    """TokenLabel objects -> a table with SCHEMA."""
+def shard_schema(features: tuple[str, ...] | list[str] = (), audit: bool = False) -> pa.Schema:
+    """SCHEMA with the columns of the router `features` besides the hidden state, and the audit's."""
+    schema = SCHEMA
+    for f in features:
+        if f in FEATURE_SCHEMA:
+            schema = schema.append(FEATURE_SCHEMA[f])
+    for f in AUDIT_SCHEMA if audit else []:
+        schema = schema.append(f)
+    return schema
+
+
+def labels_table(labels, features: tuple[str, ...] | list[str] = (), audit: bool = False) -> pa.Table:
+    """TokenLabel objects -> a table with `shard_schema(features, audit)`."""
+    schema = shard_schema(features, audit)
     cols = {
         "example_id": [x.example_id for x in labels],
         "position": [x.position for x in labels],
@@ -43,9 +62,13 @@ def labels_table(labels) -> pa.Table:
         "label": [x.label for x in labels],
         "case": [x.case for x in labels],
         "rollout_correct": [x.rollout_correct for x in labels],
+        "audit_slm_correct": [x.audit_slm_correct for x in labels],
+        "audit_llm_correct": [x.audit_llm_correct for x in labels],
+        **{FEATURE_SCHEMA[f].name: [np.asarray(x.slm_features[f], dtype=np.float16) for x in labels]
+           for f in features if f in FEATURE_SCHEMA},
     }
-    return pa.table({name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in SCHEMA.names},
-                    schema=SCHEMA)
+    return pa.table({name: pa.array(cols[name], type=schema.field(name).type) for name in schema.names},
+                    schema=schema)
 
 
 def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
@@ -80,18 +103,38 @@ def read_labels(run: str | StoragePath, iteration: int, columns: list[str] | Non
     return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
 
 
+def seeded_unit(seed: int, key: str) -> float:
+    """A number in [0, 1) from a seeded hash of `key`: the same on every machine and run."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def is_validation(example_id: str, seed: int, fraction: float) -> bool:
     """Whether an example's tokens go to validation: a seeded hash of its id below `fraction`."""
-    digest = hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    return seeded_unit(seed, example_id) < fraction
 
 
-def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool) -> dict[str, np.ndarray]:
-    """A batch of labelled rows -> {"x": (n, hidden) float16, "y": (n,) float32} for one split."""
+def feature_columns(features: tuple[str, ...] | list[str] = ("hidden",)) -> list[str]:
+    """The shard columns the router's `features` are read from, in the router's input order."""
+    from pipeline.config import ROUTER_FEATURES
+
+    names = {"hidden": "slm_hidden", **{f: field.name for f, field in FEATURE_SCHEMA.items()}}
+    return [names[f] for f in ROUTER_FEATURES if f in features]
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of equal-length lists -> an (n, width) array."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = len(column[0]) if len(column) else 0
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
+
+
+def to_arrays(batch: pa.Table, seed: int, fraction: float, validation: bool,
+              features: tuple[str, ...] | list[str] = ("hidden",)) -> dict[str, np.ndarray]:
+    """A batch of labelled rows -> {"x": (n, f) float16, the router's `features` side by side in
+    its input order, "y": (n,) float32} for one split."""
     keep = np.fromiter((is_validation(i, seed, fraction) == validation
                         for i in batch.column("example_id").to_pylist()), dtype=bool, count=batch.num_rows)
     batch = batch.filter(pa.array(keep))
-    hidden = batch.column("slm_hidden").combine_chunks()
-    width = len(hidden[0]) if len(hidden) else 0
-    x = hidden.flatten().to_numpy(zero_copy_only=False).reshape(len(hidden), width)
+    x = np.concatenate([list_matrix(batch.column(c)) for c in feature_columns(features)], axis=1)
     return {"x": x, "y": np.asarray(batch.column("label"), dtype=np.float32)}

@@ -6,6 +6,7 @@ import json
 import time
 
 from pipeline import CiterError
+from pipeline.audit import audit_text
 from pipeline.rundir import (
     DONE,
     EVAL_JSON,
@@ -16,7 +17,7 @@ from pipeline.rundir import (
     router_dir,
 )
 from pipeline.runlock import read_lock
-from pipeline.stages.convergence import convergence_table
+from pipeline.stages.convergence import convergence_table, evidence_summary
 from pipeline.storage import StoragePath, run_path
 from pipeline.tracking import read_metrics_records
 
@@ -56,6 +57,8 @@ def run_status(run: str | StoragePath) -> str:
             collect = (f"done, {c['rows']} tokens (case 1 {c['cases']['1'] / rows:.1%}, case 2 "
                        f"{c['cases']['2'] / rows:.1%}, case 3 {c['cases']['3'] / rows:.1%}; "
                        f"{c.get('rollouts_unfinished', 0)} rollouts unfinished)")
+            if c.get("audit"):
+                collect += f"\n             {audit_text(c['audit'])}"
         else:
             collect = f"{len(list(cdir.glob('part-*.parquet')))} shards written, not complete"
         tdir = it / TRAIN_DIR
@@ -78,5 +81,6 @@ def run_status(run: str | StoragePath) -> str:
                   f"    eval:    {evaluation}"]
     records = read_metrics_records(run)
     if records:
-        lines += ["", "convergence (finished iterations):", convergence_table(records)]
+        lines += ["", "convergence (finished iterations):", convergence_table(records),
+                  *evidence_summary(records, audit=False)]  # each iteration's collect line shows its audit
     return "\n".join(lines)

@@ -68,7 +68,8 @@ class Tracker:
 
     def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: StoragePath) -> None:
         """Record the iteration, redraw convergence.png over every finished iteration, and log both
-        plots with the metrics (W&B gets no null values: "not reached" is simply absent there)."""
+        plots with the metrics (W&B gets no null values: "not reached" is simply absent there; nor the
+        records' nested summaries, which their flat metrics repeat)."""
         records = write_metrics_record(self.run_dir, metrics)
         plot_convergence(records, self.run_dir / CONVERGENCE_PNG)
         wandb = self.wandb
@@ -76,7 +77,8 @@ class Tracker:
                             data=[[p["method"], p["threshold"], p["llm_call_ratio"], p["accuracy"]]
                                   for p in result["points"]])
         k = metrics["iteration"]
-        self.run.log({**{key: v for key, v in metrics.items() if v is not None}, f"curve/iter-{k:03d}": table,
+        scalars = {key: v for key, v in metrics.items() if v is not None and not isinstance(v, dict)}
+        self.run.log({**scalars, f"curve/iter-{k:03d}": table,
                       "curve/plot": wandb.plot.line(table, "llm_call_ratio", "accuracy", stroke="method",
                                                     title=f"Accuracy vs LLM calls, iteration {k}"),
                       "curve/image": wandb.Image(local_image(curve)),

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from pipeline import CiterError
+from pipeline.audit import audit_summary
 from pipeline.config import load_config
-from pipeline.decoding import RouterPolicy, SLMOnly
+from pipeline.decoding import RouterPolicy, SLMOnly, decode
 from pipeline.labelling import (
     LLM_NEEDED,
     NEEDS_ROLLOUT,
     SLM_ENOUGH,
     Rollout,
+    encode_reference,
     label_examples,
     run_rollouts,
     teacher_forced,
@@ -23,7 +25,7 @@ from pipeline.labelling import (
 from pipeline.models import load_pair
 from pipeline.router import Router, RouterSpec, save_router
 from pipeline.rundir import DONE, collect_dir, iteration_dir
-from pipeline.shards import SCHEMA, read_labels
+from pipeline.shards import read_labels, shard_schema
 from pipeline.stages.collect import run_collect
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, ROOT, digest
@@ -62,7 +64,7 @@ def test_collect_shards_match_the_labelling_core(local_ray, demo_world, tmp_path
     cfg = config(*overrides)
     summary = run_collect(cfg, tmp_path / "run", 0)
     table = read_labels(tmp_path / "run", 0)
-    assert table.schema.remove_metadata() == SCHEMA
+    assert table.schema.remove_metadata() == shard_schema(audit=cfg.collect.audit_rate > 0)
     files = sorted(p.name for p in collect_dir(tmp_path / "run", 0).iterdir())
     assert files == [DONE] + [f"part-{k:05d}.parquet" for k in range(4)]
 
@@ -107,7 +109,7 @@ def test_rollout_cap_drops_and_counts_deterministically(demo_world):
 
 
 def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(local_ray, demo_world, tmp_path):
-    cfg = config(*ROLLOUT_HEAVY)
+    cfg = config(*ROLLOUT_HEAVY, "collect.audit_rate=0.05")
     run = tmp_path / "run"
     run_collect(cfg, run, 0)
     with pytest.raises(CiterError, match="router of iteration 0"):
@@ -119,9 +121,11 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
     first, second = read_labels(run, 0).to_pylist(), read_labels(run, 1).to_pylist()
     assert len(first) == len(second)
     redo = [k for k, r in enumerate(first) if r["case"] == NEEDS_ROLLOUT]
+    audit = ("audit_slm_correct", "audit_llm_correct")
     for a, b in zip(first, second, strict=True):
         if a["case"] != NEEDS_ROLLOUT:
-            assert a == b
+            assert {k: v for k, v in a.items() if k not in audit} == {k: v for k, v in b.items() if k not in audit}
+        assert (a["audit_slm_correct"] is None) == (b["audit_slm_correct"] is None)  # the same tokens audited
     pair = load_pair(cfg.models)
     examples = {e.id: e for e in load_examples(cfg.task, "train", limit=32)}
     tok = pair.tokenizer
@@ -132,9 +136,63 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
         ref = tok(ex.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rollouts.append(Rollout(prompt, ref, first[k]["position"], first[k]["slm_token"], ex.answer))
         assert rollouts[-1].start == prompt + ref[: first[k]["position"]] + [first[k]["slm_token"]]
-    expected, _ = run_rollouts(pair, rollouts, task_format="gsm8k", policy=RouterPolicy(router, cfg.collect.threshold),
-                               max_new_tokens=128, batch_size=16)
+    policy = RouterPolicy(router, cfg.collect.threshold)
+    expected, _ = run_rollouts(pair, rollouts, task_format="gsm8k", policy=policy, max_new_tokens=128, batch_size=16)
     assert [second[k]["rollout_correct"] for k in redo] == expected
+    # The audit is redone under the router too: the rollouts from the SLM's token, by hand (with
+    # the SLM standing in for the LLM, both models' tokens are one token).
+    audited = [k for k, r in enumerate(second) if r["audit_slm_correct"] is not None]
+    assert audited and all(second[k]["slm_token"] == second[k]["llm_token"] for k in audited)
+    by_hand = [Rollout(*encode_reference(tok, examples[second[k]["example_id"]], chat_template=False,
+                                         end_id=tok.eos_token_id), second[k]["position"], second[k]["slm_token"],
+                       examples[second[k]["example_id"]].answer) for k in audited]
+    expected, _ = run_rollouts(pair, by_hand, task_format="gsm8k", policy=policy, max_new_tokens=128, batch_size=16)
+    assert [second[k]["audit_slm_correct"] for k in audited] == expected
+    assert [second[k]["audit_llm_correct"] for k in audited] == expected
+    summary = json.loads((collect_dir(run, 1) / DONE).read_text())["audit"]
+    assert summary["all"]["audited"] == len(audited) and summary["2"]["audited"] == 0
+    assert summary["1"]["decided"] == sum(expected)  # one continuation: decided where it is right, and then agrees
+    assert summary["1"]["agree"] == sum(expected)
+
+
+def test_router_features_are_stored_as_the_decoder_computes_them_and_the_audit_is_reported(local_ray, demo_world,
+                                                                                           tmp_path):
+    """With `router.features` = all three, the shards hold each token's top-k probabilities and
+    greedy-token embedding beside its hidden state; a decode of the same prefix computes, inside
+    its SLM step, the same feature vector (up to the shards' float16). The collect stage's audit
+    figures equal those recomputed from the shards, and audit.jsonl shows disagreements as text."""
+    cfg = config("router.features=[hidden, topk, token_embedding]", "router.top_k=8", "collect.n_examples=16",
+                 "collect.audit_rate=0.2")
+    run = tmp_path / "run"
+    summary = run_collect(cfg, run, 0)
+    table = read_labels(run, 0)
+    assert table.schema.remove_metadata() == shard_schema(("topk", "token_embedding"), audit=True)
+    assert summary["audit"] == audit_summary(table) and summary["audit"]["all"]["audited"] > 20
+    for line in (iteration_dir(run, 0) / "audit.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        assert {"prefix", "reference_token", "slm_token", "llm_token", "shortcut_label", "rollout_label"} <= set(e)
+        assert e["shortcut_label"] != e["rollout_label"]
+    pair = load_pair(cfg.models)
+    spec = RouterSpec(input_size=48, features=("hidden", "topk", "token_embedding"), top_k=8, embedding_size=48)
+    router = Router(spec).eval()
+    seen = []
+    step_features = router.step_features
+    router.step_features = lambda *a: seen.append(step_features(*a).numpy()) or step_features(*a)
+    tok = pair.tokenizer
+    examples = {e.id: e for e in load_examples(cfg.task, "train", limit=16)}
+    rows = table.to_pylist()
+    for row in rows[:: max(1, len(rows) // 12)]:
+        prompt, reference = encode_reference(tok, examples[row["example_id"]], chat_template=False,
+                                             end_id=tok.eos_token_id)
+        seen.clear()
+        decode(pair.slm, pair.llm, [prompt + reference[: row["position"]]], RouterPolicy(router, 0.5),
+               **pair.decode_kwargs, max_new_tokens=1)
+        stored = np.concatenate([row["slm_hidden"], row["slm_topk"], row["slm_token_embedding"]]).astype(np.float32)
+        at_decode = seen[0][0]
+        assert at_decode.shape == stored.shape == (104,)
+        # float16 storage: each value within one float16 step of the decoder's own
+        step = np.spacing(np.abs(stored).astype(np.float16)).astype(np.float32)
+        assert np.all(np.abs(at_decode - stored) <= step + 1e-6)
 
 
 def test_a_damaged_shard_is_named_and_relabelled_on_resume(local_ray, demo_world, tmp_path):

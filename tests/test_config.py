@@ -94,3 +94,26 @@ def test_cli_bad_key_is_one_paragraph_and_nonzero_exit():
     err = proc.stderr.strip()
     assert err.startswith("citer: error:") and "\n" not in err
     assert "unknown key 'eval.n_exampels'" in err and "demo.yaml" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("router.features=[hidden, logits]", "'router.features[1]': 'logits' is not one of: hidden, topk, token_embedding"),
+    ("router.features=[]", "'router.features': expected distinct items, at least one, got []"),
+    ("router.features=[topk, topk]", "'router.features': expected distinct items, at least one"),
+    ("router.hidden_sizes=[64, 0]", "'router.hidden_sizes[1]': 0 must be >= 1"),
+    ("router.top_k=0", "'router.top_k': 0 must be >= 1"),
+    ("collect.audit_rate=1.5", "'collect.audit_rate': 1.5 must be in [0.0, 1.0]"),
+    ("eval.refine_steps=-1", "'eval.refine_steps': -1 must be >= 0"),
+    ("eval.bootstrap_resamples=10", "'eval.bootstrap_resamples': 10 must be >= 100"),
+    ("eval.length_buckets=0", "'eval.length_buckets': 0 must be >= 1"),
+])
+def test_evidence_keys_are_validated_in_one_line(tmp_path, override, message):
+    with pytest.raises(CiterError) as e:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_router_features_and_sizes_load():
+    cfg = load_config(DEMO_CONFIG, ["router.features=[token_embedding, hidden]", "router.hidden_sizes=[]"])
+    assert cfg.router.features == ["token_embedding", "hidden"] and cfg.router.hidden_sizes == []
+    assert load_config(DEMO_CONFIG).router.hidden_sizes is None  # the multipliers apply

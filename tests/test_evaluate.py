@@ -89,7 +89,7 @@ def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, t
                      "eval.confidence_thresholds=[0.6,0.9]", "eval.query_fractions=[0.2,0.6]")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
-    methods = [p["method"] for p in result["points"]]
+    methods = [p["method"] for p in result["points"] if not p.get("refined")]
     assert methods.count("router") == 3 and methods.count("random") == 3 and methods.count("confidence") == 2
     assert methods.count("query") == 2 and methods.count("slm") == methods.count("llm") == 1
     for p in result["points"]:
@@ -115,6 +115,9 @@ def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, t
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 300 and image.shape[1] > 400 and image.std() > 0.05  # a real picture, not blank
     assert "AUC" in proc.stdout and "router" in proc.stdout
+    # The intervals and comparisons are printed with the curve.
+    assert "95% intervals (paired percentile bootstrap over held-out problems, 100 problems" in proc.stdout
+    assert "router vs confidence:" in proc.stdout and "accuracy / LLM share by prompt length" in proc.stdout
 
 
 def test_router_for_another_slm_and_bad_thresholds_are_refused(tmp_path, demo_world):
@@ -132,11 +135,13 @@ def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_mode
     each shard's decodes are kept as they complete, and a rerun decodes only the missing or damaged
     ones. Its figures equal one in-process evaluation of the whole set (greedy tokens do not depend
     on batching; random draws are numbered by example, not by shard)."""
-    from pipeline import evaluate, models
+    from pipeline import models
+    from pipeline.stages import evaluate
 
     cfg = load_config(DEMO_CONFIG, ["eval.n_examples=60", "eval.shard_size=20", "eval.thresholds=[0.5,0.95]",
                                     "eval.random_ratios=[0.3]", "eval.confidence_thresholds=[0.9]",
-                                    "eval.query_fractions=[0.5]", "collect.num_actors=2"])
+                                    "eval.query_fractions=[0.5]", "collect.num_actors=2", "eval.refine_steps=6",
+                                    "eval.refine_tolerance=0.02"])
     whole = evaluate.evaluate_methods(load_pair(cfg.models), load_router(shortcut_router).router,
                                       load_examples(cfg.task, "eval", limit=60), cfg)
 
@@ -146,9 +151,25 @@ def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_mode
     monkeypatch.setattr(models, "load_model", no_model_here)
     result = evaluate.run_eval(cfg, tmp_path, router_dir=shortcut_router)
     fields = ("method", "threshold", "accuracy", "llm_call_ratio", "generated_tokens", "n", "no_answer")
-    assert [{k: p[k] for k in fields} for p in result["points"]] == [{k: p[k] for k in fields}
-                                                                      for p in whole["points"]]
+    configured = [p for p in result["points"] if not p.get("refined")]
+    assert [{k: p[k] for k in fields} for p in configured] == [{k: p[k] for k in fields} for p in whole["points"]]
     assert result["auc"] == pytest.approx(whole["auc"]) and result["n_examples"] == 60
+    # The router's sweep refined itself: the two points around the target are now within the
+    # tolerance, the headline lies between them, and the upper one is measured at the target.
+    refined = [p for p in result["points"] if p.get("refined")]
+    assert refined and {p["method"] for p in refined} <= {"router", "confidence"}
+    (x0, y0, _), (x1, y1, _) = evaluate.target_bracket(result, "router")
+    assert x1 - x0 <= 0.02 and y0 < result["target_accuracy"] <= y1
+    assert x0 <= result["llm_calls_to_target"]["router"] <= x1
+    (w0, _, _), (w1, _, _) = evaluate.target_bracket(whole, "router")
+    assert w1 - w0 > 0.02  # the configured sweep alone brackets the target across a wider gap
+    assert len(list((tmp_path / "eval-parts").glob("refine-router-*/part-*.json"))) == 3 * sum(
+        p["method"] == "router" for p in refined)
+    for p in result["points"]:
+        lo, hi = p["accuracy_interval"]
+        assert lo <= p["accuracy"] <= hi
+    assert set(result["intervals"]["llm_calls_to_target"]) == set(result["auc"])
+    assert result["time_per_token"]["llm"] > 0 and set(result["by_length"]) == {"prompt", "generation"}
 
     parts = sorted((tmp_path / "eval-parts").glob("part-*.json"))
     assert [p.name for p in parts] == ["part-00000.json", "part-00001.json", "part-00002.json"]
@@ -156,7 +177,43 @@ def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_mode
     parts[1].write_text(parts[1].read_text()[:100])  # a part cut short
     kept = parts[2].stat().st_mtime_ns
     (tmp_path / "eval.json").unlink()
+    refine_parts = {p: p.stat().st_mtime_ns for p in (tmp_path / "eval-parts").glob("refine-*/part-*.json")}
     again = evaluate.run_eval(cfg, tmp_path, router_dir=shortcut_router)
     assert parts[2].stat().st_mtime_ns == kept and parts[0].is_file() and json.loads(parts[1].read_text())
     assert [{k: p[k] for k in fields} for p in again["points"]] == [{k: p[k] for k in fields}
                                                                      for p in result["points"]]
+    assert {p: p.stat().st_mtime_ns for p in refine_parts} == refine_parts  # the refinement's decodes were kept
+
+
+def point(method, threshold, ratio, accuracy, **kw):
+    return {"method": method, "threshold": threshold, "llm_call_ratio": ratio, "accuracy": accuracy, **kw}
+
+
+def test_the_bisection_threshold_halves_the_bracket_until_it_is_within_the_tolerance():
+    from pipeline.stages.evaluate import bisection_threshold, target_bracket
+
+    result = {"slm_accuracy": 0.3, "target_accuracy": 0.99,
+              "points": [point("router", 0.9, 0.10, 0.95), point("router", 0.98, 0.266, 0.988),
+                         point("router", 0.99, 0.317, 0.996), point("confidence", 0.9, 0.5, 0.999)]}
+    assert target_bracket(result, "router") == ((0.266, 0.988, 0.98), (0.317, 0.996, 0.99))
+    assert bisection_threshold(result, "router", 0.01) == pytest.approx(0.985)
+    assert bisection_threshold(result, "router", 0.06) is None  # within the tolerance already
+    result["points"].append(point("router", 0.985, 0.29, 0.99, refined=True))
+    assert target_bracket(result, "router")[1] == (0.29, 0.99, 0.985)
+    assert bisection_threshold(result, "router", 0.01) == pytest.approx(0.9825)
+    # the first point already reaches the target: bisect from the SLM alone (threshold 0)
+    assert target_bracket(result, "confidence") == ((0.0, 0.3, 0.0), (0.5, 0.999, 0.9))
+    assert bisection_threshold(result, "confidence", 0.01) == pytest.approx(0.45)
+    assert target_bracket({**result, "target_accuracy": 1.0}, "router") is None  # nothing reaches it
+
+
+def test_length_buckets_are_quantiles_at_observed_lengths_and_never_empty():
+    from pipeline.stages.evidence import quantile_buckets
+
+    lengths = np.array([10, 10, 10, 11, 12, 12, 13, 20, 21, 40, 40, 41])
+    masks = quantile_buckets(lengths, 4)
+    assert sum(m.sum() for m in masks) == len(lengths) and all(m.any() for m in masks)
+    # Quartiles at observed lengths (smallest length whose share reaches q): 10, 10, 12, 21, 41; the
+    # first two tie, so three buckets [10, 12), [12, 21), [21, 41] of 4 problems each.
+    assert [sorted(set(lengths[m].tolist())) for m in masks] == [[10, 11], [12, 13, 20], [21, 40, 41]]
+    assert len(quantile_buckets(np.full(9, 17), 4)) == 1  # every prompt of one length: one bucket

@@ -58,3 +58,35 @@ def test_truncated_weights_are_named_in_one_line(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CiterError, match=f"{weights}: damaged or missing router weights"):
         load_router(tmp_path / "r")
+
+
+def test_features_widen_the_input_in_a_fixed_order_and_step_prob_reads_a_step():
+    torch.manual_seed(0)
+    spec = RouterSpec(input_size=8, features=("token_embedding", "hidden", "topk"), top_k=3, embedding_size=5)
+    assert spec.features == ("hidden", "topk", "token_embedding") and spec.feature_size == 16
+    router = Router(spec).eval()
+    assert router.net[0].in_features == 16 and router.net[0].out_features == 16  # 2 x d, d = 8
+    hidden, logits = torch.randn(4, 8), torch.randn(4, 11)
+    embedding = torch.nn.Embedding(11, 5)
+    tokens = logits.argmax(-1)
+    # Built by hand: the hidden state, the 3 largest next-token probabilities (descending), the
+    # greedy token's embedding.
+    by_hand = torch.cat([hidden, torch.sort(torch.softmax(logits, -1), -1, descending=True).values[:, :3],
+                         embedding.weight[tokens]], dim=-1)
+    assert torch.allclose(router.step_features(hidden, logits, tokens, embedding), by_hand)
+    assert torch.equal(router.step_prob(hidden, logits, tokens, embedding), router.prob(by_hand))
+
+
+def test_hidden_sizes_replace_the_multipliers_and_an_old_router_config_still_loads(tmp_path):
+    assert [m.out_features for m in Router(RouterSpec(input_size=8, widths=(5, 3))).net
+            if isinstance(m, torch.nn.Linear)] == [5, 3, 1]
+    assert [type(m).__name__ for m in Router(RouterSpec(input_size=8, widths=())).net] == ["Linear"]
+    save_router(Router(RouterSpec(input_size=32)), tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["router"] = {"input_size": 32, "hidden_mults": [2.0, 1.0], "dropout": 0.1}  # written before features
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    assert load_router(tmp_path / "r").router.spec == RouterSpec(input_size=32)
+    with pytest.raises(CiterError, match="router features must be distinct items of hidden, topk, token_embedding"):
+        RouterSpec(input_size=8, features=("hidden", "logits"))
+    with pytest.raises(CiterError, match="need top_k and embedding_size >= 1"):
+        RouterSpec(input_size=8, features=("topk",))

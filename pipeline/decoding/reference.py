@@ -29,7 +29,9 @@ def reference_decode(slm, llm, prompts: list[list[int]], policy: Policy, *, eos_
                 out = slm(input_ids=torch.tensor([seq], device=slm.device), output_hidden_states=True)
                 logits = out.logits[0, -1, :n_ids]
                 confidence = float(torch.softmax(logits.float(), dim=-1).max())
-                prob = float(policy.router.prob(out.hidden_states[-1][:, -1])[0]) if policy.router else float("nan")
+                prob = (float(policy.router.step_prob(out.hidden_states[-1][:, -1], logits[None], logits.argmax()[None],
+                                                      slm.get_input_embeddings())[0])
+                        if policy.router else float("nan"))
                 g.slm_passes += 1
                 g.slm_tokens_processed += len(seq)
                 to_llm = policy.route(prob, confidence, row, len(g.tokens))

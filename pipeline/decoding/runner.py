@@ -149,8 +149,9 @@ class ModelRunner:
         out = {"tokens": logits.argmax(-1), "logits": logits}
         if self.summarize:  # token, confidence and router probability, packed for one copy to the host
             confidence = torch.softmax(logits[:, -1].float(), dim=-1).max(dim=-1).values
-            prob = (self.router.prob(hidden[:, -1]) if self.router is not None
-                    else torch.full_like(confidence, float("nan")))
+            prob = (self.router.step_prob(hidden[:, -1], logits[:, -1], out["tokens"][:, -1],
+                                          self.model.get_input_embeddings())
+                    if self.router is not None else torch.full_like(confidence, float("nan")))
             out["summary"] = torch.stack([out["tokens"][:, -1].float(), confidence, prob.float()], -1)
         return out
 

@@ -27,11 +27,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
-from pipeline.atomic import atomic_write_json, atomic_writer
+from pipeline.atomic import atomic_write_json, atomic_write_text, atomic_writer
+from pipeline.audit import AUDIT_COLUMNS, audit_examples, audit_jsonl, audit_summary
 from pipeline.config import Config, from_dict
 from pipeline.raysession import shards_on_actors
-from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path
-from pipeline.shards import SCHEMA, labels_table, read_labels, read_shard, shard_reads
+from pipeline.rundir import (
+    AUDIT_JSONL,
+    DONE,
+    RUN_JSON,
+    check_run_config,
+    collect_dir,
+    iteration_dir,
+    router_dir,
+    shard_path,
+)
+from pipeline.shards import labels_table, read_labels, read_shard, shard_reads
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 from pipeline.tasks import Example, load_examples
 
@@ -53,40 +63,52 @@ def label_shard(pair, cfg: Config, examples: list[Example], policy,
     """Label one shard. Without `previous`, from scratch (teacher-forced pass + rollouts); with
     iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts.
     Returns the table and its counts (`case3_dropped`, `rollouts_unfinished`)."""
-    from pipeline.labelling import (
-        NEEDS_ROLLOUT,
-        Rollout,
-        encode_reference,
-        label_examples,
-        run_rollouts,
-        teacher_forced,
-    )
+    from pipeline.decoding import settings
+    from pipeline.labelling import label_examples, teacher_forced
 
     c = cfg.collect
-    from pipeline.decoding import settings
-
     kw = dict(task_format=cfg.task.format, policy=policy, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
               decoding=settings(cfg.decode))
+    features = tuple(cfg.router.features)
     if previous is None:
         tf = teacher_forced(pair, examples, chat_template=cfg.models.chat_template,
-                            system_prompt=cfg.task.system_prompt, batch_size=c.batch_size)
+                            system_prompt=cfg.task.system_prompt, batch_size=c.batch_size, features=features,
+                            top_k=min(cfg.router.top_k, pair.n_ids or cfg.router.top_k))
         labels, counts = label_examples(pair, examples, tf, max_rollouts=c.max_rollouts_per_example,
-                                        case3_labels=c.case3_labels, **kw)
-        return labels_table(labels), counts
+                                        case3_labels=c.case3_labels, audit_rate=c.audit_rate, audit_seed=cfg.seed,
+                                        **kw)
+        return labels_table(labels, features, audit=c.audit_rate > 0), counts
+    return relabel_shard(pair, cfg, examples, previous, kw)
+
+
+def relabel_shard(pair, cfg: Config, examples: list[Example], previous: pa.Table,
+                  rollout_kw: dict[str, Any]) -> tuple[pa.Table, dict[str, int]]:
+    """Iteration k >= 1: iteration 0's rows with the case-3 rollouts and the audit's redone under
+    this iteration's policy (`rollout_kw`)."""
+    from pipeline.labelling import NEEDS_ROLLOUT, AuditToken, Rollout, audit_rollouts, encode_reference, run_rollouts
+
+    c = cfg.collect
     rows = previous.to_pylist()
     counts = {"case3_dropped": int((previous.schema.metadata or {}).get(b"case3_dropped", 0)),
               "rollouts_unfinished": 0}
     redo = [k for k, r in enumerate(rows) if r["case"] == NEEDS_ROLLOUT] if c.case3_labels == "rollout" else []
+    audited = [k for k, r in enumerate(rows) if r.get("audit_slm_correct") is not None]
     by_id = {ex.id: ex for ex in examples}
     encoded = {ex_id: encode_reference(pair.tokenizer, by_id[ex_id], chat_template=cfg.models.chat_template,
                                        end_id=pair.end_of_turn_id, system_prompt=cfg.task.system_prompt)
-               for ex_id in {rows[k]["example_id"] for k in redo}}
-    rollouts = [Rollout(*encoded[rows[k]["example_id"]], rows[k]["position"], rows[k]["slm_token"],
-                        by_id[rows[k]["example_id"]].answer, by_id[rows[k]["example_id"]].labels) for k in redo]
-    outcomes, counts["rollouts_unfinished"] = run_rollouts(pair, rollouts, **kw)
+               for ex_id in {rows[k]["example_id"] for k in redo + audited}}
+    gold = lambda k: (by_id[rows[k]["example_id"]].answer, by_id[rows[k]["example_id"]].labels)  # noqa: E731
+    rollouts = [Rollout(*encoded[rows[k]["example_id"]], rows[k]["position"], rows[k]["slm_token"], *gold(k))
+                for k in redo]
+    outcomes, counts["rollouts_unfinished"] = run_rollouts(pair, rollouts, **rollout_kw)
     for k, correct in zip(redo, outcomes, strict=True):
         rows[k]["rollout_correct"], rows[k]["label"] = correct, int(correct)
-    return pa.Table.from_pylist(rows, schema=SCHEMA), counts
+    audits, counts["audit_rollouts_unfinished"] = audit_rollouts(pair, [AuditToken(
+        *encoded[rows[k]["example_id"]], rows[k]["position"], rows[k]["slm_token"], rows[k]["llm_token"], *gold(k))
+        for k in audited], **rollout_kw)
+    for k, (slm_ok, llm_ok) in zip(audited, audits, strict=True):
+        rows[k]["audit_slm_correct"], rows[k]["audit_llm_correct"] = slm_ok, llm_ok
+    return pa.Table.from_pylist(rows, schema=previous.schema.remove_metadata()), counts
 
 
 class TokenLabeler:
@@ -132,6 +154,47 @@ class TokenLabeler:
 # The stage
 
 
+def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[Example]) -> dict[str, Any]:
+    """What the stage's shards hold: rows, cases, label share, the counts the shards' metadata
+    carry, and the shortcut audit's figures (its disagreements written to audit.jsonl)."""
+    files = sorted(collect_dir(run, iteration).glob("part-*.parquet"))
+    wheres, fs = arrow_paths(files)
+    counted = [pq.read_schema(w, filesystem=fs).metadata or {} for w in wheres]
+    total = lambda key: sum(int(m.get(key.encode(), b"0")) for m in counted)  # noqa: E731
+    audit_rate = cfg.collect.audit_rate
+    table = read_labels(run, iteration, columns=["label", *(AUDIT_COLUMNS if audit_rate > 0 else ["case"])])
+    cases = np.asarray(table.column("case"))
+    audit = audit_summary(table) if audit_rate > 0 else None
+    if audit is not None:
+        write_audit_examples(cfg, run, iteration, table, examples)
+    return {
+        "rows": table.num_rows,
+        "cases": {str(c): int((cases == c).sum()) for c in (1, 2, 3)},
+        "rollout_share": float((cases == 3).mean()) if len(cases) else 0.0,
+        "label_1_share": float(np.asarray(table.column("label")).mean()) if len(cases) else 0.0,
+        "case3_dropped_by_cap": total("case3_dropped"),
+        "case3_labels": cfg.collect.case3_labels,
+        "rollouts_unfinished": total("rollouts_unfinished"),
+        "audit": audit,
+        "audit_rollouts_unfinished": total("audit_rollouts_unfinished"),
+    }
+
+
+def write_audit_examples(cfg: Config, run: StoragePath, iteration: int, table: pa.Table,
+                         examples: list[Example]) -> None:
+    """A few tokens the audit's rollouts decided against the shortcut, as text, in iter-NNN/audit.jsonl."""
+    from pipeline.labelling import encode_reference
+    from pipeline.models import end_of_turn_id, load_tokenizer
+
+    tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
+    end_id = end_of_turn_id(tok, cfg.models.chat_template)
+    by_id = {ex.id: ex for ex in examples}
+    wanted = set(table.filter(table.column("audit_slm_correct").is_valid()).column("example_id").to_pylist())
+    references = {i: encode_reference(tok, by_id[i], chat_template=cfg.models.chat_template, end_id=end_id,
+                                      system_prompt=cfg.task.system_prompt)[1] for i in wanted}
+    atomic_write_text(iteration_dir(run, iteration) / AUDIT_JSONL, audit_jsonl(audit_examples(table, references, tok)))
+
+
 def check_lengths(cfg: Config, examples: list[Example]) -> None:
     """Refuse, before any actor starts, an example whose prompt + reference is empty or does not
     fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
@@ -154,6 +217,7 @@ def check_lengths(cfg: Config, examples: list[Example]) -> None:
 
 def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
     """Label the training examples for `iteration` into Parquet shards; return the summary in _DONE."""
+    started = time.perf_counter()
     run = run_path(run)
     out_dir = collect_dir(run, iteration)
     done = out_dir / DONE
@@ -193,27 +257,9 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
         for row in shards_on_actors(TokenLabeler, items, constructor, cfg, f"collect iteration {iteration}"):
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
-    files = sorted(out_dir.glob("part-*.parquet"))
-    wheres, fs = arrow_paths(files)
-    counted = [pq.read_schema(w, filesystem=fs).metadata or {} for w in wheres]
-    dropped = sum(int(m.get(b"case3_dropped", b"0")) for m in counted)
-    unfinished = sum(int(m.get(b"rollouts_unfinished", b"0")) for m in counted)
-    table = read_labels(run, iteration, columns=["case", "label"])
-    cases = np.asarray(table.column("case"))
-    summary = {
-        "iteration": iteration,
-        "examples": len(examples),
-        "shards": len(shards),
-        "rows": table.num_rows,
-        "cases": {str(c): int((cases == c).sum()) for c in (1, 2, 3)},
-        "rollout_share": float((cases == 3).mean()) if len(cases) else 0.0,
-        "label_1_share": float(np.asarray(table.column("label")).mean()) if len(cases) else 0.0,
-        "case3_dropped_by_cap": dropped,
-        "case3_labels": cfg.collect.case3_labels,
-        "rollouts_unfinished": unfinished,
-        "seconds": seconds,
-        "rows_labelled_now": labelled,
-        "rows_per_s": labelled / seconds if labelled else None,
-    }
+    summary = {"iteration": iteration, "examples": len(examples), "shards": len(shards),
+               **label_counts(cfg, run, iteration, examples), "seconds": seconds, "rows_labelled_now": labelled,
+               "rows_per_s": labelled / seconds if labelled else None,
+               "wall_seconds": time.perf_counter() - started}  # the whole stage, in the call that completed it
     atomic_write_json(done, summary)
     return summary

@@ -9,6 +9,7 @@ converged shows flips falling to 0, agreement rising to 1, and the router's figu
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from pipeline import CiterError
 from pipeline.atomic import atomic_writer
 from pipeline.config import Config
+from pipeline.cost import break_even, cost_metrics
 from pipeline.rundir import router_dir
 from pipeline.shards import read_labels
 from pipeline.storage import StoragePath
@@ -47,6 +49,30 @@ def convergence_table(records: list[dict[str, Any]]) -> str:
                      "point); flipped = case-3 labels changed since the previous iteration; agreement = held-out "
                      "states where this router and the previous one decide alike")
     return "\n".join(lines)
+
+
+def evidence_summary(records: list[dict[str, Any]], audit: bool = True) -> list[str]:
+    """Lines after the convergence table: each iteration's router against the previous one's, the
+    shortcut audit per iteration (unless `audit` is off), the run's cost so far and the break-even."""
+    from pipeline.audit import audit_text
+    from pipeline.cost import STAGES, break_even_text
+    from pipeline.stages.evidence import comparison_text
+
+    records = sorted(records, key=lambda r: r["iteration"])
+    lines = [comparison_text(f"iteration {r['iteration']} vs {r['iteration'] - 1} (router, same problems)",
+                             r["router/vs_previous"], f"iteration {r['iteration']}", "the previous")
+             for r in records if r.get("router/vs_previous")]
+    lines += [f"iteration {r['iteration']} {audit_text(r['collect/audit'])}" for r in records
+              if audit and r.get("collect/audit")]
+    if records and "cost/total/wall_seconds" in records[-1]:
+        last = records[-1]
+        walls = ", ".join(f"{stage} {sum(r.get(f'cost/{stage}/wall_seconds', 0.0) for r in records):,.0f} s"
+                          for stage in STAGES)
+        lines.append(f"cost of {len(records)} iterations: {walls} wall-clock; {last['cost/total/cpu_seconds']:,.0f} "
+                     f"CPU-seconds, {last['cost/total/gpu_seconds']:,.0f} GPU-seconds held")
+        if last.get("breakeven"):
+            lines.append(break_even_text(last["breakeven"]))
+    return lines
 
 
 def _calls(value: float | None, evaluated: bool) -> str:
@@ -114,18 +140,77 @@ def router_agreement(cfg: Config, run: StoragePath, iteration: int) -> float:
     import torch
 
     from pipeline.router import load_router
-    from pipeline.shards import to_arrays
+    from pipeline.shards import feature_columns, to_arrays
 
-    held_out = to_arrays(read_labels(run, iteration, columns=["slm_hidden", "label"]), cfg.seed,
-                         cfg.train.val_fraction, validation=True)
+    features = cfg.router.features
+    held_out = to_arrays(read_labels(run, iteration, columns=[*feature_columns(features), "label"]), cfg.seed,
+                         cfg.train.val_fraction, validation=True, features=features)
     x = torch.from_numpy(held_out["x"].astype(np.float32))
     keep = [load_router(router_dir(run, k)).router.prob(x).numpy() >= 0.5 for k in (iteration - 1, iteration)]
     return float((keep[0] == keep[1]).mean())
 
 
+def _number(x: Any) -> float | None:
+    """An interval end as a metric: infinite ends ("inf", "-inf") and None are None."""
+    return None if x is None or isinstance(x, str) else float(x)
+
+
+def audit_metrics(audit: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The shortcut audit per case: agreement, its interval, and counts."""
+    m: dict[str, Any] = {"collect/audit": audit} if audit else {}
+    for key, a in (audit or {}).items():
+        prefix = f"collect/audit/{'case' + key if key != 'all' else 'all'}"
+        m.update({f"{prefix}/agreement": a["agreement"], f"{prefix}/agreement_low": a["interval"][0],
+                  f"{prefix}/agreement_high": a["interval"][1], f"{prefix}/audited": a["audited"],
+                  f"{prefix}/decided": a["decided"], f"{prefix}/neither": a["neither"]})
+    return m
+
+
+def comparison_metrics(prefix: str, comparison: dict[str, Any]) -> dict[str, Any]:
+    """A paired comparison (`evidence.compare_samples`) as metrics: difference, interval, separable."""
+    m: dict[str, Any] = {}
+    for figure, d in comparison.items():
+        lo, hi = (_number(x) for x in d["interval"])
+        m.update({f"{prefix}/{figure}_difference": d["difference"], f"{prefix}/{figure}_separable": d["separable"],
+                  f"{prefix}/{figure}_low": lo, f"{prefix}/{figure}_high": hi})
+    return m
+
+
+def evidence_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's intervals and comparisons as metrics."""
+    iv = result.get("intervals")
+    if not iv:
+        return {}
+    m: dict[str, Any] = {}
+    for model in ("slm", "llm"):
+        m[f"eval/{model}_accuracy_low"], m[f"eval/{model}_accuracy_high"] = iv[f"{model}_accuracy"]
+    for figure in ("auc", "llm_calls_to_target"):
+        for method, (lo, hi) in iv[figure].items():
+            m[f"eval/{figure}_low/{method}"], m[f"eval/{figure}_high/{method}"] = lo, hi
+    for name, comparison in result.get("comparisons", {}).items():
+        m.update(comparison_metrics(f"eval/compare/{name.replace(' - ', '_vs_')}", comparison))
+    return m
+
+
+def previous_comparison(cfg: Config, run: StoragePath, iteration: int, result: dict[str, Any]) -> dict[str, Any]:
+    """This iteration's router against the previous one's, paired over the same held-out problems."""
+    from pipeline.rundir import EVAL_JSON, iteration_dir
+    from pipeline.stages.evidence import compare_runs
+
+    before = iteration_dir(run, iteration - 1) / EVAL_JSON
+    if "router" not in result["auc"] or not before.is_file():
+        return {}
+    previous = json.loads(before.read_text())
+    if "intervals" not in previous or "router" not in previous["auc"]:
+        return {}
+    comparison = compare_runs(result, previous, "router", cfg.eval.bootstrap_resamples, cfg.eval.seed)
+    return {"router/vs_previous": comparison, **comparison_metrics("router/vs_previous", comparison)}
+
+
 def iteration_metrics(cfg: Config, run: StoragePath, iteration: int, collect: dict, train: dict, result: dict,
-                      eval_seconds: float) -> dict[str, Any]:
-    """The flat per-iteration record for metrics.jsonl and W&B."""
+                      eval_seconds: float, earlier: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The flat per-iteration record for metrics.jsonl and W&B (`earlier`: the previous
+    iterations' records, for the run's cost so far)."""
     rows = max(1, collect["rows"])
     best = train["best"]
     m: dict[str, Any] = {
@@ -164,4 +249,24 @@ def iteration_metrics(cfg: Config, run: StoragePath, iteration: int, collect: di
         flips = label_flips(run, iteration)
         m["collect/case3_flips"], m["collect/case3_flip_share"] = flips["case3_flips"], flips["case3_flip_share"]
         m["router/agreement_with_previous"] = router_agreement(cfg, run, iteration)
+        m.update(previous_comparison(cfg, run, iteration, result))
+    m.update(audit_metrics(collect.get("audit")))
+    m.update(evidence_metrics(result))
+    m.update(cost_and_break_even(cfg, collect, train, result, eval_seconds, list(earlier)))
+    return m
+
+
+def cost_and_break_even(cfg: Config, collect: dict, train: dict, result: dict, eval_seconds: float,
+                        earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each stage's cost, the run's so far, the time per generated token and the break-even."""
+    walls = {"collect": collect.get("wall_seconds", collect["seconds"]),
+             "train": train.get("wall_seconds", train["fit_seconds"]),
+             "evaluate": result.get("wall_seconds", eval_seconds)}
+    m: dict[str, Any] = cost_metrics(cfg, walls, earlier)
+    per_token = result.get("time_per_token") or {}
+    m["eval/seconds_per_token/llm"], m["eval/seconds_per_token/router"] = per_token.get("llm"), per_token.get("router")
+    b = break_even(cfg, {"cpu_seconds": m["cost/total/cpu_seconds"], "gpu_seconds": m["cost/total/gpu_seconds"]},
+                   per_token)
+    m.update({"breakeven": b, "breakeven/tokens": b["tokens"], "breakeven/never": b["never"],
+              "breakeven/saving_per_token": b["saving_per_token"]})
     return m

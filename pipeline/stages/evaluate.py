@@ -14,7 +14,9 @@ import math
 import time
 from typing import Any
 
-from pipeline import CiterError
+import numpy as np
+
+from pipeline import CiterError, statistics
 from pipeline.atomic import atomic_write_json, atomic_writer
 from pipeline.config import EVAL_METHODS, Config, from_dict
 from pipeline.decoding import (
@@ -33,10 +35,20 @@ from pipeline.models import ModelPair, check_pair, encode_prompts, flops_per_tok
 from pipeline.raysession import shards_on_actors
 from pipeline.router import WEIGHTS, Router, load_router
 from pipeline.rundir import EVAL_PARTS
+from pipeline.stages.evidence import (
+    TARGET_GAP,
+    add_intervals,
+    evidence_lines,
+    length_breakdown,
+    resamples,
+    time_per_token,
+)
 from pipeline.storage import StoragePath, location_text, run_path
 from pipeline.tasks import Example, extract_answer, load_examples
 
 log = logging.getLogger(__name__)
+
+REFINE = "refine"  # the part folders and run keys of a sweep's refinement
 
 
 def score(pair: ModelPair, task_format: str, gens: list[Generation], examples: list[Example]) -> list[bool | None]:
@@ -103,6 +115,7 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
         gens = done.generations
         out[f"{i}:{label}"] = {
             "method": method, "threshold": threshold, "seconds": time.perf_counter() - t0,
+            "prompt_tokens": [len(p) for p in prompts],
             "counts": {**done.counts(), "flops": flops_per_token(pair.slm) * done.slm_tokens_processed
                        + flops_per_token(pair.llm) * done.llm_tokens_processed},
             "scored": score(pair, cfg.task.format, gens, examples),
@@ -114,7 +127,8 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
 
 
 def merge_parts(parts: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[dict, list[Generation], list]]:
-    """The shards' decodes of each run joined in example order: (point, generations, scored)."""
+    """The shards' decodes of each run joined in example order: (point, generations, scored). A
+    run decoded by the refinement of a sweep (its key starts with "refine") is marked `refined`."""
     merged = {}
     for label, first in parts[0].items():
         runs = [part[label] for part in parts]
@@ -122,8 +136,18 @@ def merge_parts(parts: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[dict,
         scored = [x for run in runs for x in run["scored"]]
         counts = {k: sum(run["counts"][k] for run in runs) for k in first["counts"]}
         point = make_point(first["method"], first["threshold"], gens, scored, sum(r["seconds"] for r in runs), counts)
+        prompts = [n for run in runs for n in run.get("prompt_tokens", [])]
+        if label.startswith(REFINE):
+            point["refined"] = True
+        point["per_problem"] = per_problem(gens, scored, prompts)
         merged[label] = (point, gens, scored)
     return merged
+
+
+def per_problem(gens: list[Generation], scored: list[bool | None], prompt_tokens: list[int]) -> dict[str, list]:
+    """What the bootstrap and the length breakdown need of each held-out problem."""
+    return {"correct": [int(x is True) for x in scored], "tokens": [len(g.tokens) for g in gens],
+            "llm_tokens": [g.llm_tokens for g in gens], "prompt_tokens": prompt_tokens}
 
 
 def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tuple[dict, list[Generation], list[bool]],
@@ -152,14 +176,21 @@ def query_points(slm_run: tuple[dict, list[Generation], list[bool]], llm_run: tu
         counts = {"llm_passes": None, "slm_passes": None,
                   "llm_tokens_processed": sum(g.llm_tokens_processed for g in gens),
                   "slm_tokens_processed": sum(g.slm_tokens_processed for g in gens)}
-        points.append(make_point("query", fraction, gens, ok, seconds, counts))
+        point = make_point("query", fraction, gens, ok, seconds, counts)
+        point["per_problem"] = per_problem(gens, ok, slm_point["per_problem"]["prompt_tokens"])
+        points.append(point)
     return points
+
+
+def _curve(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """A method's points as one resample's (1, P) arrays of LLM-call ratio and accuracy."""
+    return (np.array([[p["llm_call_ratio"] for p in points]], dtype=float).reshape(1, -1),
+            np.array([[p["accuracy"] for p in points]], dtype=float).reshape(1, -1))
 
 
 def area_under_curve(points: list[dict[str, Any]], slm_accuracy: float, llm_accuracy: float) -> float:
     """Trapezoid area under accuracy vs llm_call_ratio on [0, 1], anchored at both single models."""
-    xy = sorted([(0.0, slm_accuracy), (1.0, llm_accuracy)] + [(p["llm_call_ratio"], p["accuracy"]) for p in points])
-    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False))
+    return float(statistics.curve_area(*_curve(points), np.array([slm_accuracy]), np.array([llm_accuracy]))[0])
 
 
 def accuracy_at_ratio(points: list[dict[str, Any]], ratio: float, slm_accuracy: float, llm_accuracy: float) -> float:
@@ -175,13 +206,8 @@ def calls_to_reach(points: list[dict[str, Any]], target: float, slm_accuracy: fl
     """The smallest LLM-call ratio at which a method's measured curve (from the SLM alone at 0)
     reaches `target` accuracy, interpolated linearly between measured points; None when no
     measured point reaches it (the curve is never extended past its last point)."""
-    xy = sorted([(0.0, slm_accuracy)] + [(p["llm_call_ratio"], p["accuracy"]) for p in points])
-    if xy[0][1] >= target:
-        return 0.0
-    for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
-        if y1 >= target:
-            return x1 if y1 == y0 else x0 + (x1 - x0) * (target - y0) / (y1 - y0)
-    return None
+    calls = float(statistics.calls_to_reach(*_curve(points), np.array([slm_accuracy]), np.array([target]))[0])
+    return None if math.isinf(calls) else calls
 
 
 def headline(points: list[dict[str, Any]], methods: list[str], slm_accuracy: float,
@@ -189,7 +215,7 @@ def headline(points: list[dict[str, Any]], methods: list[str], slm_accuracy: flo
     """The paper's headline at equal accuracy: per method, the LLM-call ratio needed to reach the
     LLM's accuracy minus 1 point, and how many fewer LLM calls the router needs than each baseline
     there (1 - router's ratio / baseline's; None where either does not reach it)."""
-    target = llm_accuracy - 0.01
+    target = llm_accuracy - TARGET_GAP
     calls = {m: calls_to_reach([p for p in points if p["method"] == m], target, slm_accuracy) for m in methods}
     router = calls.get("router")
     reduction = {m: (1.0 - router / calls[m] if router is not None and calls[m] else None)
@@ -211,6 +237,18 @@ class EvalDecoder:
         self.router = load_router(router, expected_input_size=self.pair.hidden_size,
                                   device=self.pair.device).router if router else None
         self.parts, self.runs, self.signature = run_path(parts), runs, signature
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """A short untimed decode with each model (and the router): an actor's first decode pays
+        one-off costs (first kernels, allocations) that would otherwise weigh on the timings of
+        whichever run comes first, such as a refinement step's only one."""
+        prompt = encode_prompts(self.pair.tokenizer, ["warm up"], self.cfg.models.chat_template,
+                                self.cfg.task.system_prompt)
+        policies = [SLMOnly(), LLMOnly()] + ([RouterPolicy(self.router, 0.5)] if self.router is not None else [])
+        for policy in policies:
+            decode(self.pair.slm, self.pair.llm, prompt * 8, policy, **self.pair.decode_kwargs, max_new_tokens=8,
+                   batch_size=8, **settings(self.cfg.decode))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"shard": []}
@@ -241,15 +279,32 @@ def run_eval(cfg: Config, out_dir: str | StoragePath, router_dir: str | StorageP
     """Evaluate the configured methods on the held-out split over an actor pool of the collect
     stage's size and resources (`collect.num_actors`, CPUs and GPUs per actor), `eval.shard_size`
     examples a task; this process loads no model. Each shard's decodes are written to
-    OUT/eval-parts/ as it completes, so a rerun decodes only the rest; then curve.png, then
-    eval.json. With `baselines` (an earlier eval.json of the run) only the router is decoded."""
+    OUT/eval-parts/ as it completes, so a rerun decodes only the rest; then the sweeps are refined
+    around the target (`refine_sweeps`, each step's decodes in a folder of their own), then
+    curve.png, then eval.json. With `baselines` (an earlier eval.json of the run) only the router
+    is decoded."""
+    started = time.perf_counter()
     examples = load_examples(cfg.task, "eval", limit=cfg.eval.n_examples)  # bad data fails before any actor
     check_pair(cfg.models)
     if router_dir:
         check_router_fits(cfg, router_dir)
     runs = planned_runs(cfg, router_dir is not None, baselines)
     out = run_path(out_dir)
-    parts = out / EVAL_PARTS
+    decoded = decode_on_actors(cfg, examples, runs, out / EVAL_PARTS, router_dir)
+    refined = [m for m in ("router", "confidence") if m in cfg.eval.methods
+               and (m != "router" or router_dir is not None) and (m == "router" or baselines is None)]
+    result = refine_sweeps(cfg, examples, decoded, out / EVAL_PARTS, router_dir, baselines, refined)
+    result["wall_seconds"] = time.perf_counter() - started  # the whole stage, in the call that completed it
+    plot_curve(result, out / "curve.png")
+    atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
+    log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
+    return result
+
+
+def decode_on_actors(cfg: Config, examples: list[Example], runs: list[list], parts: StoragePath,
+                     router_dir: str | StoragePath | None) -> list[dict[str, dict[str, Any]]]:
+    """Each shard's decodes of `runs` (`decode_runs`), from its part file in `parts` when one of
+    this evaluation is there, else decoded on the actor pool and written there as it completes."""
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".part-*.tmp"):  # a killed writer's
         stale.unlink()
@@ -269,11 +324,55 @@ def run_eval(cfg: Config, out_dir: str | StoragePath, router_dir: str | StorageP
             decoded[int(row["shard"])] = read_part(parts, int(row["shard"]), signature)
     if any(d is None for d in decoded.values()):
         raise CiterError(f"{parts}: a shard's decodes are missing after the evaluation ran; run it again")
-    result = assemble(cfg, len(examples), list(decoded.values()), baselines)
-    plot_curve(result, out / "curve.png")
-    atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
-    log.info("wrote %s and %s", out / "eval.json", out / "curve.png")
+    return list(decoded.values())
+
+
+def refine_sweeps(cfg: Config, examples: list[Example], decoded: list[dict[str, dict[str, Any]]], parts: StoragePath,
+                  router_dir: str | StoragePath | None, baselines: dict[str, Any] | None,
+                  methods: list[str]) -> dict[str, Any]:
+    """Refine each of `methods`' sweeps around the target accuracy: while the two points that
+    bracket it are more than `eval.refine_tolerance` apart in LLM-call ratio, decode the threshold
+    halfway between theirs (at most `eval.refine_steps` times a method), each step on the actor
+    pool with its own part folder, so a rerun finds every step's decodes. Returns the assembled
+    result over every decode."""
+    result = assemble(cfg, len(examples), decoded, baselines)
+    for method in methods:
+        for _ in range(cfg.eval.refine_steps):
+            threshold = bisection_threshold(result, method, cfg.eval.refine_tolerance)
+            if threshold is None:
+                break
+            key = f"{REFINE}-{method}-{threshold:.12g}"
+            more = decode_on_actors(cfg, examples, [[method, threshold]], parts / key, router_dir)
+            decoded = [{**d, **{f"{key}:{label}": run for label, run in m.items()}}
+                       for d, m in zip(decoded, more, strict=True)]
+            result = assemble(cfg, len(examples), decoded, baselines)
+            point = next(p for p in result["points"] if p["method"] == method and p["threshold"] == threshold)
+            log.info("refined the %s sweep at threshold %.6g: %.1f%% LLM tokens, %.1f%% accuracy", method,
+                     threshold, 100 * point["llm_call_ratio"], 100 * point["accuracy"])
     return result
+
+
+def target_bracket(result: dict[str, Any], method: str) -> tuple[tuple, tuple] | None:
+    """The method's two points, in order of LLM-call ratio, between which its curve first reaches
+    the target accuracy: (ratio, accuracy, threshold) each, the lower one possibly the SLM alone
+    (0, its accuracy, threshold 0). None where no point reaches the target or the SLM does."""
+    points = sorted([(0.0, result["slm_accuracy"], 0.0)]
+                    + [(p["llm_call_ratio"], p["accuracy"], p["threshold"]) for p in result["points"]
+                       if p["method"] == method])
+    first = next((j for j, (_, y, _) in enumerate(points) if y >= result["target_accuracy"]), None)
+    return None if not first else (points[first - 1], points[first])
+
+
+def bisection_threshold(result: dict[str, Any], method: str, tolerance: float) -> float | None:
+    """The threshold halfway between those of the points that bracket the target, or None when
+    they are within `tolerance` in LLM-call ratio (or nothing brackets it, or the halfway
+    threshold is measured already)."""
+    bracket = target_bracket(result, method)
+    if bracket is None or bracket[1][0] - bracket[0][0] <= tolerance:
+        return None
+    threshold = (bracket[0][2] + bracket[1][2]) / 2
+    measured = {p["threshold"] for p in result["points"] if p["method"] == method}
+    return None if threshold in measured or threshold in (bracket[0][2], bracket[1][2]) else threshold
 
 
 def check_router_fits(cfg: Config, router_dir: str | StoragePath) -> None:
@@ -305,9 +404,11 @@ BASELINES = ("slm", "llm", "random", "confidence", "query", "speculative")  # th
 def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]],
              baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """eval.json's content from the decoded shards (`decode_runs`), and from `baselines` for
-    every method but the router when given: points, AUCs, accuracy at 10/20/30% LLM tokens, and
-    the LLM calls each method needs to reach the LLM's accuracy minus 1 point."""
-    methods = set(cfg.eval.methods)
+    every method but the router when given: points, AUCs and accuracy at 10/20/30% LLM tokens
+    (over the configured points), the LLM calls each method needs to reach the LLM's accuracy
+    minus 1 point (over every point, refined ones too), bootstrap intervals and comparisons
+    (`evidence`), the length breakdown and the time per generated token."""
+    methods = set(cfg.eval.methods) | {"slm", "llm"}  # the single models anchor every curve and the bootstrap
     merged = merge_parts(parts)
     if baselines is None:
         single = {run[0]["method"]: run for run in merged.values() if run[0]["method"] in ("slm", "llm")}
@@ -321,11 +422,16 @@ def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]
         points += [run[0] for run in merged.values()]
     points.sort(key=lambda p: (EVAL_METHODS.index(p["method"]), p["threshold"] or 0.0))
     swept = sorted({p["method"] for p in points} - {"slm", "llm", "speculative"})
-    auc = {m: area_under_curve([p for p in points if p["method"] == m], slm_acc, llm_acc) for m in swept}
-    at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio([p for p in points if p["method"] == m], r, slm_acc, llm_acc)
-                    for r in (0.1, 0.2, 0.3)} for m in swept}
-    return {"n_examples": n_examples, "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
-            "auc": auc, "accuracy_at_llm_ratio": at_ratio, **headline(points, swept, slm_acc, llm_acc)}
+    configured = {m: [p for p in points if p["method"] == m and not p.get("refined")] for m in swept}
+    auc = {m: area_under_curve(configured[m], slm_acc, llm_acc) for m in swept}
+    at_ratio = {m: {f"{r:.1f}": accuracy_at_ratio(configured[m], r, slm_acc, llm_acc) for r in (0.1, 0.2, 0.3)}
+                for m in swept}
+    result = {"n_examples": n_examples, "slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "points": points,
+              "auc": auc, "accuracy_at_llm_ratio": at_ratio, **headline(points, swept, slm_acc, llm_acc)}
+    add_intervals(result, resamples(result, cfg.eval.bootstrap_resamples, cfg.eval.seed))
+    result["by_length"] = length_breakdown(result, cfg.eval.length_buckets)
+    result["time_per_token"] = time_per_token(result, cfg.eval.batch_size)
+    return result
 
 
 def evaluate_methods(pair: ModelPair, router: Router | None, examples: list[Example], cfg: Config,
@@ -370,16 +476,22 @@ def plot_curve(result: dict[str, Any], path: str | StoragePath) -> None:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The eval points as an aligned text table, then each method's AUC."""
+    """The eval points as an aligned text table (refined points marked *), then each method's AUC,
+    the headline, intervals and comparisons, the length breakdown and the time per token."""
     header = (f"{'method':<12}{'threshold':>10}{'LLM tokens':>12}{'LLM passes':>12}{'LLM read':>10}"
-              f"{'accuracy':>10}{'no answer':>11}{'n':>6}{'tok/s':>9}")
+              f"{'accuracy':>10}{'95% interval':>15}{'no answer':>11}{'n':>6}{'tok/s':>9}")
     lines = [header, "-" * len(header)]
     dash = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for p in result["points"]:
-        lines.append(f"{p['method']:<12}{dash(p['threshold'], 'g'):>10}{100 * p['llm_call_ratio']:>11.1f}%"
+        ci = p.get("accuracy_interval")
+        ci = f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "-"
+        threshold = dash(p["threshold"], ".6g") + ("*" if p.get("refined") else "")
+        lines.append(f"{p['method']:<12}{threshold:>10}{100 * p['llm_call_ratio']:>11.1f}%"
                      f"{dash(p.get('llm_passes'), ',d'):>12}{dash(p.get('llm_tokens_processed'), ',d'):>10}"
-                     f"{100 * p['accuracy']:>9.1f}%{p.get('no_answer', 0):>11}{p['n']:>6}"
+                     f"{100 * p['accuracy']:>9.1f}%{ci:>15}{p.get('no_answer', 0):>11}{p['n']:>6}"
                      f"{dash(p.get('tokens_per_s'), '.0f'):>9}")
+    if any(p.get("refined") for p in result["points"]):
+        lines.append("* decoded to refine the sweep around the target accuracy (not in AUC or accuracy at 10/20/30%)")
     if result.get("auc"):
         order = sorted(result["auc"], key=lambda m: -result["auc"][m])
         lines.append("")
@@ -390,6 +502,8 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append("accuracy at 10% / 20% / 30% LLM tokens: " + "; ".join(f"{m} {c}" for m, c in cells.items()))
     if result.get("llm_calls_to_target"):
         lines.append(headline_text(result))
+    if result.get("intervals"):
+        lines += ["", *evidence_lines(result)]
     return "\n".join(lines)
 
 

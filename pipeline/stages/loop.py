@@ -28,7 +28,7 @@ from pipeline.rundir import (
 from pipeline.stages.collect import run_collect
 from pipeline.stages.convergence import iteration_metrics
 from pipeline.storage import StoragePath, run_path
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, read_metrics_records
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any
             log.info("iteration %d of %d: evaluate", k, cfg.loop.iterations)
             update_run_record(run, progress={"iteration": k, "stage": "eval"})
             result, eval_seconds = evaluate_iteration(cfg, run, k)
-            metrics = iteration_metrics(cfg, run, k, collect, train, result, eval_seconds)
+            earlier = [r for r in read_metrics_records(run) if r["iteration"] < k]
+            metrics = iteration_metrics(cfg, run, k, collect, train, result, eval_seconds, earlier)
             tracker.log_iteration(metrics, result, it / CURVE_PNG)
             atomic_write_json(it / DONE, metrics)
             log.info("iteration %d done: router AUC %.3f", k, result["auc"].get("router", float("nan")))

@@ -45,7 +45,7 @@ from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
 from pipeline.raysession import ensure_ray, no_gpu_deepspeed
 from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, iteration_dir, router_dir
-from pipeline.shards import is_validation, read_labels, to_arrays
+from pipeline.shards import feature_columns, is_validation, read_labels, to_arrays
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,10 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> None:
             from None
 
 
-def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list[StoragePath], int]:
-    """The iteration's complete shards and the SLM's hidden size; refuse a missing or unfinished
-    collect stage, or shards whose hidden states do not have that size."""
+def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list[StoragePath], dict[str, int]]:
+    """The iteration's complete shards and the width of each router feature in them (`hidden` is
+    the SLM's hidden size); refuse a missing or unfinished collect stage, shards whose hidden
+    states do not have that size, or shards without a column `router.features` needs."""
     from transformers import AutoConfig
 
     directory = collect_dir(run, iteration)
@@ -113,15 +114,24 @@ def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list
         raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
                          "finish it before training")
     hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
+    features = dict(zip(cfg.router.features, feature_columns(cfg.router.features), strict=True))
+    widths = {"hidden": hidden}
     wheres, fs = arrow_paths(files)
     for f, where in zip(files, wheres, strict=True):
         with pq.ParquetFile(where, filesystem=fs) as shard:
-            first = shard.read_row_group(0, columns=["slm_hidden"]).column(0)
-        if len(first) and len(first[0]) != hidden:
-            raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
-                             f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
-                             "another SLM")
-    return files, hidden
+            missing = [c for c in features.values() if c not in shard.schema_arrow.names]
+            if missing:
+                raise CiterError(f"{f}: no column {missing[0]}, which router.features={list(cfg.router.features)} "
+                                 "reads; these labels were collected for other router features: collect again")
+            first = shard.read_row_group(0, columns=sorted({"slm_hidden", *features.values()}))
+        if first.num_rows and len(first.column("slm_hidden")[0]) != hidden:
+            raise CiterError(f"{f}: field 'slm_hidden' has {len(first.column('slm_hidden')[0])} values per token, "
+                             f"but the SLM {cfg.models.slm} has hidden size {hidden}; these labels were collected "
+                             "with another SLM")
+        for name, column in features.items():
+            if first.num_rows and name != "hidden":
+                widths[name] = len(first.column(column)[0])
+    return files, widths
 
 
 def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
@@ -197,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from pipeline.router import WEIGHTS, Router, RouterSpec, read_weights
+    from pipeline.router import WEIGHTS, Router, read_weights, spec_from_dict
 
     cfg = from_dict(Config, config["cfg"], source="train stage config")
     tc = cfg.train
@@ -205,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
-    router = Router(RouterSpec(**config["spec"]))
+    router = Router(spec_from_dict(config["spec"]))
     if config.get("warm_start"):
         router.load_state_dict(read_weights(config["warm_start"], "warm-start router"))
     engine, *_ = deepspeed.initialize(model=router, model_parameters=router.parameters(),
@@ -328,7 +338,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.router import CONFIG, WEIGHTS, Router, read_weights, router_spec, save_router
+    from pipeline.router import CONFIG, WEIGHTS, Router, read_weights, router_spec, save_router, spec_dict
 
     run = run_path(run).resolve()
     it_dir = iteration_dir(run, iteration)
@@ -338,11 +348,13 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         return json.loads(done.read_text())
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
-    files, hidden = labelled_shards(cfg, run, iteration)
+    started = time.perf_counter()
+    files, widths = labelled_shards(cfg, run, iteration)
     check_run_config(cfg, run)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
-    spec = router_spec(hidden, cfg.router)
+    spec = router_spec(widths["hidden"], cfg.router, top_k=widths.get("topk", 0),
+                       embedding_size=widths.get("token_embedding", 0))
     warm = router_dir(run, iteration - 1) / WEIGHTS if iteration > 0 else None
     if tc.warm_start and warm is not None and not warm.is_file():
         raise CiterError(f"train.warm_start is on, but {warm} does not exist")
@@ -361,18 +373,20 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     # seed: two iterations whose labels agree train the same router (unless warm-started).
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True
-    source = ray.data.read_parquet(paths, filesystem=fs).select_columns(["example_id", "slm_hidden", "label"])
+    source = ray.data.read_parquet(paths, filesystem=fs).select_columns(
+        ["example_id", *feature_columns(spec.features), "label"])
     source.context.execution_options = copy.deepcopy(ordered)  # the splits below inherit it
     # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
     splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
                                        fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
-                                                  "validation": name == "val"}).materialize()
+                                                  "validation": name == "val",
+                                                  "features": spec.features}).materialize()
               for name in ("train", "val")}
     prepare_seconds = time.perf_counter() - t0
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "spec": {**spec.__dict__, "hidden_mults": list(spec.hidden_mults)},
+        train_loop_config={"cfg": cfg.to_dict(), "spec": spec_dict(spec),
                            "deepspeed": ds_config,
                            "warm_start": location_text(warm) if tc.warm_start and warm is not None else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
@@ -416,6 +430,9 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         "fit_seconds": fit_seconds,
         "fit_started_at": fit_started_at,
         "rows_per_s": sum(m["train_rows"] for m in history) / fit_seconds,
+        "router_parameters": sum(p.numel() for p in router.parameters()),
+        "features": list(spec.features),
+        "wall_seconds": time.perf_counter() - started,  # the whole stage, in the call that completed it
     }
     with atomic_directory(router_dir(run, iteration), last=(CONFIG,)) as tmp:
         save_router(router.eval(), tmp, meta={"iteration": iteration, "epoch": best["epoch"],
