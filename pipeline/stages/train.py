@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import shutil
@@ -38,15 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
-from pipeline.raysession import ensure_ray, no_gpu_deepspeed
+from pipeline.raysession import ensure_ray, no_gpu_deepspeed, one_line, user_error
 from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, iteration_dir, router_dir
-from pipeline.shards import is_validation, read_labels, to_arrays
-from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
+from pipeline.runlock import fence_for
+from pipeline.shards import damaged_shard, is_validation, read_labels, to_arrays
+from pipeline.storage import StoragePath, arrow_paths, location_text, read_json, run_path
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,11 @@ def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list
     hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
     wheres, fs = arrow_paths(files)
     for f, where in zip(files, wheres, strict=True):
-        with pq.ParquetFile(where, filesystem=fs) as shard:
-            first = shard.read_row_group(0, columns=["slm_hidden"]).column(0)
+        try:
+            with pq.ParquetFile(where, filesystem=fs) as shard:
+                first = shard.read_row_group(0, columns=["slm_hidden"]).column(0)
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(f, e) from None
         if len(first) and len(first[0]) != hidden:
             raise CiterError(f"{f}: field 'slm_hidden' has {len(first[0])} values per token, but the SLM "
                              f"{cfg.models.slm} has hidden size {hidden}; these labels were collected with "
@@ -217,7 +221,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(d, tag=TAG)
+            try:
+                _, client_state = engine.load_checkpoint(d, tag=TAG)
+            except Exception as e:  # torch's and DeepSpeed's errors for a cut-short or foreign file
+                raise CiterError(f"{checkpoint.path}: damaged training checkpoint ({type(e).__name__}: {e}); delete "
+                                 "that folder to resume from the checkpoint before it") from None
         state = client_state["citer"]
         state["resumed_from"].append(state["epoch"])
         if rank == 0:
@@ -297,6 +305,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             weights = full_state_dict(engine, cfg.deepspeed.zero_stage)
             if rank == 0:
                 save_file(weights, str(Path(tmp) / WEIGHTS))
+            if config.get("fence"):  # this worker writes into the run only while its driver holds the lease
+                config["fence"].check(run_path(config["checkpoints"]))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -335,7 +345,8 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     done = it_dir / TRAIN_DIR / DONE
     if done.is_file():
         log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
-        return json.loads(done.read_text())
+        return read_json(done, "the train stage's summary", "delete it to export the router again from the "
+                         "stage's checkpoints")
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
     files, hidden = labelled_shards(cfg, run, iteration)
@@ -374,7 +385,8 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "spec": {**spec.__dict__, "hidden_mults": list(spec.hidden_mults)},
                            "deepspeed": ds_config,
-                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None},
+                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None,
+                           "fence": fence_for(run), "checkpoints": location_text(it_dir / TRAIN_DIR)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -390,7 +402,9 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
-        raise CiterError(f"router training for iteration {iteration} failed ({type(e).__name__}: {e}); "
+        if (found := user_error(e)) is not None:
+            raise found from None
+        raise CiterError(f"router training for iteration {iteration} failed ({one_line(e)}); "
                          f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
     fit_seconds = time.perf_counter() - t1
     history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
