@@ -81,6 +81,11 @@ def atomic_directory(path: str | StoragePath, last: tuple[str, ...] = ()) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=_scratch_dir(path)))
     try:
         yield tmp
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's (one writer per run: the lease)
+            if isinstance(stale, ObjectPath):
+                stale.rmtree()
+            elif stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
         files = sorted((f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file()),
                        key=lambda name: (PurePosixPath(name).name in last, name))
         if isinstance(path, ObjectPath):

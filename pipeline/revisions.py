@@ -12,6 +12,7 @@ to bytes between those blocks is not seen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -48,14 +49,16 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def hub_commit(repo: str, repo_type: str) -> str | None:
-    """The commit a hub repository's main branch is at: asked of the hub, else the one this
-    machine's cache resolved last (offline); None when neither knows."""
+    """The commit a hub repository's main branch is at: asked of the hub (once per process: every
+    stage checks the run's config), else the one this machine's cache resolved last (offline);
+    None when neither knows."""
     from huggingface_hub import HfApi, constants
 
     if not constants.HF_HUB_OFFLINE:
         try:
-            return HfApi().repo_info(repo, repo_type=repo_type, timeout=20).sha
+            return HfApi().repo_info(repo, repo_type=repo_type, timeout=10).sha
         except Exception:  # no network, no access: fall back to the cache
             pass
     ref = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "refs" / "main"

@@ -2,9 +2,11 @@
 
     <storage>/<name>/
       run.json           config snapshot, W&B run id, code version, progress, created/updated
+      lease/             the lease of the process writing the run (pipeline.runlock)
       metrics.jsonl      one record per finished iteration (what W&B gets, readable without it)
       convergence.png    flips, router agreement, LLM calls to target and AUC per iteration
-      wandb/             the W&B run's local files (offline unless configured otherwise)
+      wandb/             the W&B run's files (offline unless configured otherwise; for a run in an
+                         object store, copies of the driver's, made after every iteration)
       iter-NNN/collect/  labelled shards + _DONE
       iter-NNN/train/    Ray Train / DeepSpeed checkpoints + _DONE
       iter-NNN/router/   the iteration's router
@@ -78,6 +80,18 @@ def read_eval(path: StoragePath) -> dict[str, Any]:
     """An iteration's eval.json."""
     return read_json(path, "the evaluation's result", "delete it to evaluate that iteration again (its decodes in "
                      "eval-parts/ are reused)")
+
+
+def read_collect_summary(done: StoragePath) -> dict[str, Any]:
+    """A collect stage's _DONE."""
+    return read_json(done, "the collect stage's summary", "delete it: rerunning the stage checks the shards and "
+                     "writes it again")
+
+
+def read_train_summary(done: StoragePath) -> dict[str, Any]:
+    """A train stage's _DONE."""
+    return read_json(done, "the train stage's summary", "delete the iteration's train/ folder to train that router "
+                     "again")
 
 
 # ---------------------------------------------------------------------------------------------

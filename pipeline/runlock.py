@@ -273,11 +273,12 @@ class RunLock:
                     raise CiterError(f"{self.run} is in use by {describe(live)}, whose lease is being renewed. Wait "
                                      "for it to finish or stop it; if it is dead and cannot be waited out, start "
                                      "again with --force")
-                for claim in others:
-                    if self.claims.remove(claim):
-                        log.warning("took over the lease of %s from %s%s", self.run,
-                                    "a damaged lease record" if claim.get("damaged") else describe(claim),
-                                    " (--force)" if self.force else "")
+                judged = {c["token"]: c["_raw"] for c in others}
+                for claim in self.claims.current():  # still there, unchanged: not a racer's new attempt
+                    if judged.get(claim["token"]) == claim["_raw"] and self.claims.remove(claim):
+                        log.info("took over the lease of %s from %s%s", self.run,
+                                 "a damaged lease record" if claim.get("damaged") else describe(claim),
+                                 " (--force)" if self.force else "")
                 continue
             started = clock()
             if self.claims.create(self._claim()):
@@ -306,8 +307,8 @@ class RunLock:
                 watched.append(claim)
         if not watched:
             return None
-        log.warning("%s is claimed by %s: waiting up to %.0f s for its heartbeat; the run is taken over if it "
-                    "does not move (--force takes it now)", self.run, describe(watched[0]), self.lease)
+        log.info("%s is claimed by %s: waiting up to %.0f s for its heartbeat; the run is taken over if it "
+                 "does not move (--force takes it now)", self.run, describe(watched[0]), self.lease)
         seen = {c["token"]: self.claims.read_beat(c["token"]) for c in watched}
         start = clock()
         while clock() - start < self.lease:

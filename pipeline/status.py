@@ -11,13 +11,15 @@ from pipeline.rundir import (
     TRAIN_DIR,
     collect_dir,
     iteration_dir,
+    read_collect_summary,
     read_eval,
     read_run_record,
+    read_train_summary,
     router_dir,
 )
 from pipeline.runlock import read_lock
 from pipeline.stages.convergence import convergence_table
-from pipeline.storage import StoragePath, read_json, run_path
+from pipeline.storage import StoragePath, run_path
 from pipeline.tracking import read_metrics_records
 
 
@@ -52,8 +54,7 @@ def run_status(run: str | StoragePath) -> str:
             continue
         cdir = collect_dir(run, k)
         if (cdir / DONE).is_file():
-            c = read_json(cdir / DONE, "the collect stage's summary",
-                          "delete it: rerunning the stage checks the shards and writes it again")
+            c = read_collect_summary(cdir / DONE)
             rows = max(1, c["rows"])
             collect = (f"done, {c['rows']} tokens (case 1 {c['cases']['1'] / rows:.1%}, case 2 "
                        f"{c['cases']['2'] / rows:.1%}, case 3 {c['cases']['3'] / rows:.1%}; "
@@ -62,8 +63,7 @@ def run_status(run: str | StoragePath) -> str:
             collect = f"{len(list(cdir.glob('part-*.parquet')))} shards written, not complete"
         tdir = it / TRAIN_DIR
         if (tdir / DONE).is_file():
-            t = read_json(tdir / DONE, "the train stage's summary", "delete it to export the router again from the "
-                          "stage's checkpoints")
+            t = read_train_summary(tdir / DONE)
             train = (f"done, best epoch {t['best_epoch']} of {t['epochs_run']}, val accuracy "
                      f"{t['best']['val_accuracy']:.2%}")
         elif tdir.exists():

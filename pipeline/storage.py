@@ -240,7 +240,11 @@ class ObjectPath:
                 raise
 
     def rmtree(self) -> None:
-        self.fs.delete_dir_contents(self.key, missing_dir_ok=True)
+        """Delete this prefix and everything under it, as shutil.rmtree does a directory."""
+        try:
+            self.fs.delete_dir(self.key)
+        except FileNotFoundError:
+            pass
 
 
 StoragePath = Path | ObjectPath

@@ -79,5 +79,6 @@ def test_a_hub_name_is_recorded_by_the_commit_its_cache_resolved_offline(tmp_pat
     (ref / "main").write_text("0123456789abcdef0123456789abcdef01234567\n")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_commit.cache_clear()
     assert hub_commit("org/model", "model") == "0123456789abcdef0123456789abcdef01234567"
     assert hub_commit("org/other", "model") is None

@@ -304,3 +304,24 @@ def test_status_shows_the_holder_without_judging_it_by_the_clock(tmp_path, demo_
             run_status(run)
     assert "lease held" not in run_status(run)
     assert Path(run / LEASE_DIR).is_dir()
+
+
+def test_a_worker_on_a_node_that_does_not_share_a_local_run_directory_writes_nothing(tmp_path):
+    """What a Ray actor on another node finds when the driver's run directory is a local path that is
+    not shared: no lease there. Its write is refused, saying so, before anything is written."""
+    from pipeline.runlock import FENCE_ENV, Fence
+
+    elsewhere = tmp_path / "the-drivers-disk" / "run"  # absent here, as on a node of its own
+    fence = Fence(str(elsewhere), "0123456789abcdef")
+    with pytest.raises(CiterError, match=rf"{elsewhere} is not visible on {socket.gethostname()}, where a Ray worker "
+                                         "of this run is writing: a run directory on a local path must be on storage "
+                                         "that every node mounts"):
+        fence.check(elsewhere / "iter-000" / "collect" / "part-00000.parquet")
+    # The same check through the environment an actor gets, on a write through pipeline.atomic.
+    probe = ("import sys; from pipeline.atomic import atomic_write_json; "
+             "atomic_write_json(sys.argv[1], {'rows': 1})")
+    target = elsewhere / "iter-000" / "collect" / "_DONE"
+    env = citer_env(**{FENCE_ENV: json.dumps([fence.__dict__])})
+    refused = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "is not visible on" in refused.stderr and not target.exists()

@@ -192,3 +192,4 @@ def test_a_router_directory_replaced_by_a_writer_killed_midway_still_loads(where
     assert done.wait(timeout=300) == 0, done.stderr.read()
     assert load_router(router).meta == {"version": 2} and (router / WEIGHTS).read_bytes() != v1[WEIGHTS]
     assert sorted(p.name for p in router.iterdir()) == [CONFIG, WEIGHTS]  # notes.bin removed after the switch
+    assert not list(router.parent.glob(".router.*.tmp"))  # the killed writer's leftovers too

@@ -30,9 +30,9 @@ from pipeline import CiterError
 from pipeline.atomic import atomic_write_json, atomic_writer
 from pipeline.config import Config, from_dict
 from pipeline.raysession import shards_on_actors
-from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, router_dir, shard_path
+from pipeline.rundir import DONE, RUN_JSON, check_run_config, collect_dir, read_collect_summary, router_dir, shard_path
 from pipeline.shards import SCHEMA, labels_table, read_labels, read_shard, shard_reads
-from pipeline.storage import StoragePath, arrow_paths, location_text, read_json, run_path
+from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 from pipeline.tasks import Example, load_examples
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
     if done.is_file():
         if all(shard_reads(f) for f in out_dir.glob("part-*.parquet")):
             log.info("collect stage of iteration %d is complete (%s); skipping", iteration, done)
-            return read_json(done, "the collect stage's summary", "delete it: rerunning the stage checks the shards "
-                             "and writes it again")
+            return read_collect_summary(done)
         done.unlink()  # a shard was damaged after the stage finished: label it again below
     if iteration > 0 and not (collect_dir(run, 0) / DONE).is_file():
         raise CiterError(f"iteration {iteration} reuses iteration 0's labels, but {collect_dir(run, 0)} "

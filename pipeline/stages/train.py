@@ -44,10 +44,18 @@ from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
 from pipeline.raysession import ensure_ray, no_gpu_deepspeed, one_line, user_error
-from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, iteration_dir, router_dir
+from pipeline.rundir import (
+    DONE,
+    TRAIN_DIR,
+    check_run_config,
+    collect_dir,
+    iteration_dir,
+    read_train_summary,
+    router_dir,
+)
 from pipeline.runlock import fence_for
 from pipeline.shards import damaged_shard, is_validation, read_labels, to_arrays
-from pipeline.storage import StoragePath, arrow_paths, location_text, read_json, run_path
+from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +353,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     done = it_dir / TRAIN_DIR / DONE
     if done.is_file():
         log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
-        return read_json(done, "the train stage's summary", "delete it to export the router again from the "
-                         "stage's checkpoints")
+        return read_train_summary(done)
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
     files, hidden = labelled_shards(cfg, run, iteration)
