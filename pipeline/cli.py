@@ -10,9 +10,10 @@ import sys
 from pipeline import CiterError, __version__
 from pipeline.config import Config, DemoConfig, SmolConfig, load_config
 from pipeline.raysession import check_storage
+from pipeline.revisions import ALLOW_ENV
 from pipeline.rundir import default_run_dir
 from pipeline.runlock import RunLock
-from pipeline.storage import run_path
+from pipeline.storage import StoragePath, redact_uri, run_path
 
 log = logging.getLogger("citer")
 
@@ -27,6 +28,13 @@ def load_job_config(path: str, overrides: list[str]) -> Config:
 
         ensure_demo_world(cfg.demo)
     return cfg
+
+
+def hold_run(args: argparse.Namespace, run: str | StoragePath, command: str) -> RunLock:
+    """The run's lease for a writing command: losing it stops the command (runlock)."""
+    if args.allow_changed_inputs:
+        os.environ[ALLOW_ENV] = "1"
+    return RunLock(run, force=args.force, command=command, stop_main_thread=True)
 
 
 def cmd_build_demo(args: argparse.Namespace) -> None:
@@ -79,7 +87,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from pipeline.stages.collect import run_collect
 
     check_storage(run_path(args.run))
-    with RunLock(args.run, force=args.force, command="citer collect"):
+    with hold_run(args, args.run, "citer collect"):
         summary = run_collect(cfg, args.run, args.iteration)
     cases = summary["cases"]
     total = max(1, summary["rows"])
@@ -99,7 +107,7 @@ def cmd_fit_router(args: argparse.Namespace) -> None:
     from pipeline.stages.train import fit_router
 
     check_storage(run_path(args.run))
-    with RunLock(args.run, force=args.force, command="citer fit-router"):
+    with hold_run(args, args.run, "citer fit-router"):
         summary = fit_router(cfg, args.run, args.iteration)
     best = summary["best"]
     print(f"iteration {summary['iteration']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}"
@@ -121,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     run = run_path(args.run) if args.run else default_run_dir(cfg)
     check_storage(run)
-    with RunLock(run, force=args.force, command="citer train"):
+    with hold_run(args, run, "citer train"):
         result = run_loop(cfg, run)
     last = cfg.loop.iterations - 1
     print(f"\nfinal curve (iteration {last}) against the baselines:")
@@ -159,7 +167,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 FORCE_HELP = ("take the run's lease even if another process holds it (only when that process is known to be "
-              "dead; otherwise a start waits for its lease to expire)")
+              "dead; otherwise a start waits until that lease's heartbeat has stopped for CITER_LEASE_SECONDS)")
+CHANGED_HELP = ("go on although a model or dataset changed since the run started (a new hub commit, different "
+                "local files): the new revisions are recorded; without it such a change is refused")
 
 
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,6 +178,7 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--iteration", type=int, default=0, help="iteration number (default: %(default)s)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--allow-changed-inputs", action="store_true", help=CHANGED_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
@@ -239,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. jobs/configs/demo.yaml")
     p.add_argument("--run", help="run directory (default: STORAGE/NAME from the config)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--allow-changed-inputs", action="store_true", help=CHANGED_HELP)
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -307,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except CiterError as e:
         print(f"citer: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the filesystem's or the store's refusal: the file and the reason, on one line
+        where = f"{redact_uri(str(e.filename))}: " if e.filename else ""
+        print(f"citer: error: {where}{e.strerror or redact_uri(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("citer: interrupted", file=sys.stderr)

@@ -329,7 +329,39 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, value = parse_override(item)
         _set_dotted(data, key, value, path)
         overridden.add(key)
-    return from_dict(Config, data, source=str(path), overridden=overridden)
+    cfg = from_dict(Config, data, source=str(path), overridden=overridden)
+    keys = ("collect.num_gpus_per_actor", "models.llm_device_map", "models.device")
+    check_llm_gpus(cfg, max((_origin(str(path), k, overridden) for k in keys), key=len))
+    return cfg
+
+
+def check_llm_gpus(cfg: Config, source: str) -> None:
+    """Refuse an LLM device map that does not match the GPUs each collect and evaluation actor
+    reserves (`collect.num_gpus_per_actor`): Ray shows an actor only its own GPUs, numbered from 0,
+    so a map naming GPU n needs n + 1 of them, and a reserved GPU the map leaves empty (GPU 0 holds
+    the SLM) is paid for and idle. Whether the LLM fits the GPUs is checked where it loads
+    (`models.load_model` refuses layers left on the CPU that the map did not ask for)."""
+    m, gpus = cfg.models, cfg.collect.num_gpus_per_actor
+    if m.device == "cpu" and not gpus:
+        return
+    if m.llm_device_map is None:
+        if gpus >= 2:
+            raise CiterError(f"{source}: collect.num_gpus_per_actor={gpus:g}, but models.llm_device_map is unset: "
+                             f"both models sit on the actor's first GPU and the other {gpus - 1:g} are reserved for "
+                             "nothing; set models.llm_device_map (e.g. balanced) or reserve 1 GPU")
+        return
+    if gpus < 1 or gpus != int(gpus):
+        raise CiterError(f"{source}: models.llm_device_map spreads the LLM over an actor's GPUs, but "
+                         f"collect.num_gpus_per_actor={gpus:g} is not a whole number of GPUs, at least 1")
+    if isinstance(m.llm_device_map, dict):
+        used = {int(d) for d in m.llm_device_map.values() if str(d).isdigit()}
+        if beyond := sorted(d for d in used if d >= gpus):
+            raise CiterError(f"{source}: models.llm_device_map puts modules on GPU {beyond[0]}, but an actor reserves "
+                             f"{gpus:g} GPUs (collect.num_gpus_per_actor), which it sees as GPUs 0-{int(gpus) - 1}")
+        if idle := sorted(set(range(1, int(gpus))) - used):
+            raise CiterError(f"{source}: collect.num_gpus_per_actor={gpus:g}, but models.llm_device_map puts no "
+                             f"module on GPU {', '.join(map(str, idle))}: reserve {int(gpus) - len(idle)} GPUs or "
+                             "place modules there")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

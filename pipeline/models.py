@@ -118,10 +118,29 @@ def load_model(name: str, cfg: ModelsConfig, device_map: str | dict | None = Non
     except (OSError, ValueError) as e:
         raise CiterError(f"could not load model {name!r}: {e}") from None
     if placement:
-        devices = sorted({str(d) for d in model.hf_device_map.values()})
-        log.info("%s spread over %s", name, ", ".join(devices))
+        # transformers sets no hf_device_map when the whole model landed on one device
+        placed = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+        log.info("%s spread over %s", name, ", ".join(sorted({str(d) for d in placed.values()})))
+        check_offload(name, cfg, device_map, placed)
         return model.eval()
     return model.to(resolve_device(cfg.device)).eval()
+
+
+def check_offload(name: str, cfg: ModelsConfig, device_map: str | dict, placed: dict) -> None:
+    """Refuse an LLM that accelerate had to leave partly in host memory or on disk because the GPUs
+    this process sees (an actor's `collect.num_gpus_per_actor`) do not hold it, unless the map or
+    `models.llm_max_memory` asked for that: every LLM pass would then copy those layers in."""
+    if cfg.device == "cpu":
+        return
+    asked = set(device_map.values()) if isinstance(device_map, dict) else set()
+    asked |= {str(k) for k in (cfg.llm_max_memory or {})}
+    offloaded = [m for m, d in placed.items() if str(d) in ("cpu", "disk") and str(d) not in asked]
+    if offloaded:
+        raise CiterError(f"models.llm_device_map={device_map!r} left {len(offloaded)} of {name}'s modules in host "
+                         f"memory or on disk ({offloaded[0] or 'the whole model'}, ...): the "
+                         f"{torch.cuda.device_count()} GPUs this actor reserves (collect.num_gpus_per_actor) do not "
+                         "hold it. Reserve more GPUs per actor, or name 'cpu' or 'disk' in an explicit map (or in "
+                         "models.llm_max_memory) to offload on purpose")
 
 
 def check_pair(cfg: ModelsConfig) -> None:

@@ -1,19 +1,25 @@
 """Ray plumbing in one place: the Ray session every stage runs in (the cluster in RAY_ADDRESS, or
 an embedded local Ray), the log lines Ray prints that say nothing to a citer user, the environment
-passed on to Ray's processes and to Ray jobs, and the one runner for sharded actor stages (collect
-and evaluate): items -> an actor pool -> one output row per item, as each completes.
+passed on to Ray's processes and to Ray jobs, the one runner for sharded actor stages (collect
+and evaluate): items -> an actor pool -> one output row per item, as each completes, and the
+errors of actors and training workers brought back out of Ray's wrappers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pipeline import CiterError
 from pipeline.config import Config
 from pipeline.progress import Progress
+from pipeline.runlock import fence_env
 from pipeline.storage import ObjectPath, StoragePath, check_reachable
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,29 @@ def no_gpu_deepspeed() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_build_lock()
+
+
+# DeepSpeed's CPU accelerator JIT-loads one op through torch's extension loader, which holds a lock
+# file in the op's build folder while it checks or builds it, and never clears one that a killed
+# process left: every later training start on the machine then waits on it forever, silently. A
+# build takes seconds (10-20 s the first time on 2 cores); a lock this old is a dead process's.
+STALE_BUILD_LOCK_SECONDS = 300
+
+
+def clear_stale_build_lock(op: str = "deepspeed_shm_comm") -> None:
+    """Remove the op's build lock when it is older than STALE_BUILD_LOCK_SECONDS (see above)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        log.warning("removed %s, left %.0f s ago by a process killed while DeepSpeed loaded its CPU op: training "
+                    "would have waited for it forever", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def ensure_ray() -> None:
@@ -110,13 +139,28 @@ def ensure_ray() -> None:
     ray.init(address=address, **kwargs)
 
 
+def shared_mounts() -> list[Path]:
+    """The mount points CITER_SHARED_STORAGE declares shared by every node (`:`-separated)."""
+    value = os.environ.get("CITER_SHARED_STORAGE", "").strip()
+    if value in ("1", "true", "yes"):
+        raise CiterError(f"CITER_SHARED_STORAGE={value}: it names the mount points that every node shares "
+                         "(e.g. CITER_SHARED_STORAGE=/mnt/shared), so that it covers those paths and no other")
+    return [Path(p) for p in value.split(os.pathsep) if p]
+
+
 def check_storage(run: StoragePath) -> None:
     """Before any work: a run in an object store whose store answers, or a local run directory on
     a one-node Ray (on several nodes, actors and training workers elsewhere would write to their
-    own disks). CITER_SHARED_STORAGE=1 declares a local path shared (NFS, EFS mounted alike on
-    every node)."""
+    own disks), or under a mount point that CITER_SHARED_STORAGE declares shared (NFS, EFS mounted
+    alike on every node). Nodes that join later (an autoscaler) are checked where it matters: every
+    actor and training worker checks, before it writes, that it sees the run's lease
+    (`runlock.Fence`), which it does not on a disk of its own."""
+    if isinstance(run, Path) and run.is_file():
+        raise CiterError(f"{run}: expected a run directory, found a file")
     check_reachable(run)
-    if isinstance(run, ObjectPath) or not os.environ.get("RAY_ADDRESS") or os.environ.get("CITER_SHARED_STORAGE"):
+    if isinstance(run, ObjectPath) or not os.environ.get("RAY_ADDRESS"):
+        return
+    if any(Path(os.path.abspath(run)).is_relative_to(mount) for mount in shared_mounts()):
         return
     import ray
 
@@ -127,17 +171,20 @@ def check_storage(run: StoragePath) -> None:
             f"{run} is a local path, but the Ray cluster has {nodes} nodes: collect actors and training workers on "
             "other nodes would write its shards and checkpoints to their own disks. Put the run in shared storage: "
             "`storage: s3://BUCKET/PREFIX` or `gs://BUCKET/PREFIX` (or a filesystem mounted at the same path on every "
-            "node, such as NFS or EFS, with CITER_SHARED_STORAGE=1)")
+            "node, such as NFS or EFS, named in CITER_SHARED_STORAGE)")
 
 
 def shards_on_actors(actor: type, items: list[dict[str, Any]], constructor: dict[str, Any], cfg: Config,
                      desc: str) -> Iterator[dict[str, Any]]:
     """Run `actor` (a Ray Data callable class) over `items`, one item a task, on a pool of
     `collect.num_actors` actors with the collect stage's CPUs and GPUs each, showing progress per
-    item; yield each item's output row as it completes. Used by collect and evaluate."""
+    item; yield each item's output row as it completes. Used by collect and evaluate. The actors
+    get the leases this process holds (`runlock.fence_env`), so their writes into a run are
+    fenced like the driver's; a CiterError an actor raises comes out as itself."""
     import ray.data
 
     ensure_ray()
+    fences = fence_env()
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         actor,
         fn_constructor_kwargs={**constructor, "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
@@ -149,11 +196,62 @@ def shards_on_actors(actor: type, items: list[dict[str, Any]], constructor: dict
         # setting at each start. On an embedded Ray an actor dies only of its machine's trouble
         # (memory), which a restart meets again; a rerun resumes from the finished shards.
         **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
+        **({"runtime_env": {"env_vars": fences}} if fences else {}),
     )
-    with Progress(len(items), desc, unit="shard") as bar:
+    with Progress(len(items), desc, unit="shard") as bar, raised_as_user_errors(desc):
         for row in ds.iter_rows():
             bar.update()
             yield row
+
+
+def user_error(error: BaseException, what: str = "") -> CiterError | None:
+    """The CiterError that an actor or a training worker raised, out of the exceptions Ray wraps it
+    in (a RayTaskError, whose `cause` may be Ray Data's UserCodeException; an actor's failed
+    creation; Ray Train's WorkerGroupError); an actor's death as one line of its own. None for
+    anything else (a bug, whose traceback is wanted)."""
+    from ray.exceptions import ActorDiedError, RayError
+
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CiterError) and not isinstance(e, RayError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                  *(getattr(e, "worker_failures", None) or {}).values()]
+    # Ray Data and a failed actor creation keep the original only as traceback text, whose last line
+    # is Python's "module.Class: message".
+    found = re.findall(r"^pipeline\.CiterError: (.+)$", re.sub(r"\x1b\[[0-9;]*m", "", str(error)), re.M)
+    if found:
+        return CiterError(found[-1])
+    if isinstance(error, ActorDiedError) and not error.actor_init_failed:
+        reason = " ".join(str(error).split())
+        return CiterError(f"{what + ': ' if what else ''}a Ray actor died ({reason[:400]}); run the command again "
+                          "to resume from what is finished")
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: a Ray Train failure as each rank's error, else its first line."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"rank {rank}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+                         for rank, e in sorted(failures.items()))
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+@contextmanager
+def raised_as_user_errors(what: str = "") -> Iterator[None]:
+    """Re-raise a CiterError from inside Ray (see `user_error`) as itself: one line for the user."""
+    try:
+        yield
+    except Exception as e:
+        found = user_error(e, what)
+        if found is None or found is e:
+            raise
+        raise found from None
 
 
 # Secrets are forwarded only with --forward-secrets: Ray keeps a job's runtime env in its job

@@ -2,9 +2,11 @@
 
     <storage>/<name>/
       run.json           config snapshot, W&B run id, code version, progress, created/updated
+      lease/             the lease of the process writing the run (pipeline.runlock)
       metrics.jsonl      one record per finished iteration (what W&B gets, readable without it)
       convergence.png    flips, router agreement, LLM calls to target and AUC per iteration
-      wandb/             the W&B run's local files (offline unless configured otherwise)
+      wandb/             the W&B run's files (offline unless configured otherwise; for a run in an
+                         object store, copies of the driver's, made after every iteration)
       iter-NNN/collect/  labelled shards + _DONE
       iter-NNN/train/    Ray Train / DeepSpeed checkpoints + _DONE
       iter-NNN/router/   the iteration's router
@@ -13,14 +15,15 @@
       iter-NNN/audit.jsonl tokens the shortcut audit's rollouts labelled against the shortcut
       iter-NNN/_DONE     the iteration's convergence metrics, written last
 
-`run.json` records the config on first use; a later stage with a config that differs in a key
-outside RESUMABLE_CHANGES is refused. Every stage connects to the cluster in RAY_ADDRESS or starts
-an embedded local Ray (`ensure_ray`).
+`run.json` records the config on first use (credentials in a storage URI left out), and the
+revisions of the models and datasets (`pipeline.revisions`); a later stage with a config that
+differs in a key outside RESUMABLE_CHANGES, or whose models or datasets changed, is refused.
+Every stage connects to the cluster in RAY_ADDRESS or starts an embedded local Ray (`ensure_ray`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,10 @@ from typing import Any
 from pipeline import CiterError
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
-from pipeline.storage import StoragePath, run_path
+from pipeline.revisions import changes_allowed, input_revisions, revision_changes, updated_revisions
+from pipeline.storage import StoragePath, read_json, redact_uri, run_path
+
+log = logging.getLogger(__name__)
 
 DONE = "_DONE"
 RUN_JSON = "run.json"
@@ -72,6 +78,24 @@ def shard_path(directory: StoragePath, shard: int) -> StoragePath:
     return directory / f"part-{shard:05d}.parquet"
 
 
+def read_eval(path: StoragePath) -> dict[str, Any]:
+    """An iteration's eval.json."""
+    return read_json(path, "the evaluation's result", "delete it to evaluate that iteration again (its decodes in "
+                     "eval-parts/ are reused)")
+
+
+def read_collect_summary(done: StoragePath) -> dict[str, Any]:
+    """A collect stage's _DONE."""
+    return read_json(done, "the collect stage's summary", "delete it: rerunning the stage checks the shards and "
+                     "writes it again")
+
+
+def read_train_summary(done: StoragePath) -> dict[str, Any]:
+    """A train stage's _DONE."""
+    return read_json(done, "the train stage's summary", "delete the iteration's train/ folder to train that router "
+                     "again")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run record and its config check
 
@@ -102,12 +126,16 @@ def read_run_record(run: Path) -> dict[str, Any] | None:
     path = run / RUN_JSON
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-        record["config"]  # noqa: B018 - must be there
-        return record
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CiterError(f"{path}: unreadable run record ({e}); is {run} a citer run directory?") from None
+    expected = f"the run record (a JSON object with the run's 'config'); is {run} a citer run directory?"
+    record = read_json(path, expected)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CiterError(f"{path}: no 'config' in it; expected {expected}")
+    return record
+
+
+def recorded_config(cfg: Config) -> dict[str, Any]:
+    """The config as run.json and W&B keep it: a storage URI's credentials left out."""
+    return {**cfg.to_dict(), "storage": redact_uri(cfg.storage)}
 
 
 def update_run_record(run: Path, **fields: Any) -> dict[str, Any]:
@@ -126,11 +154,12 @@ def check_run_config(cfg: Config, run: Path) -> None:
     record = read_run_record(run)
     if record is None:
         run.mkdir(parents=True, exist_ok=True)
-        update_run_record(run, config=cfg.to_dict(), created=_now(), code_version=__version__)
+        update_run_record(run, config=recorded_config(cfg), revisions=input_revisions(cfg), created=_now(),
+                          code_version=__version__)
         return
-    diff = config_differences(record["config"], cfg.to_dict(), RESUMABLE_CHANGES)
+    diff = config_differences(record["config"], recorded_config(cfg), RESUMABLE_CHANGES)
     if diff:
-        a, b = _flatten(record["config"]), _flatten(cfg.to_dict())
+        a, b = _flatten(record["config"]), _flatten(recorded_config(cfg))
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
         raise CiterError(
             f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
@@ -138,8 +167,16 @@ def check_run_config(cfg: Config, run: Path) -> None:
             f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
         )
     check_sharded_checkpoints(record["config"], cfg, run)
-    if record["config"] != cfg.to_dict():  # allowed changes: the run now goes on with them
-        update_run_record(run, config=cfg.to_dict())
+    revisions = updated_revisions(record.get("revisions"), input_revisions(cfg))
+    changed = revision_changes(record.get("revisions"), revisions, cfg)
+    if changed and not changes_allowed():
+        raise CiterError(f"{run}: its inputs changed since the run started: {'; '.join(changed)}. Results already "
+                         "in the run came from the old ones; use a new run directory, or start again with "
+                         "--allow-changed-inputs to go on with the new ones")
+    if changed:
+        log.warning("%s goes on with changed inputs (--allow-changed-inputs): %s", run, "; ".join(changed))
+    if record["config"] != recorded_config(cfg) or record.get("revisions") != revisions:
+        update_run_record(run, config=recorded_config(cfg), revisions=revisions)  # allowed changes: now recorded
 
 
 def check_sharded_checkpoints(old: dict, cfg: Config, run: Path) -> None:

@@ -71,14 +71,18 @@ def labels_table(labels, features: tuple[str, ...] | list[str] = (), audit: bool
                     schema=schema)
 
 
+def damaged_shard(path: StoragePath, error: Exception) -> CiterError:
+    return CiterError(f"{path}: damaged labelled shard, not Parquet ({error}); rerun the collect stage (`citer "
+                      "collect` or `citer train`), which labels it again")
+
+
 def read_shard(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
     """One labelled shard; a file that does not read as Parquet is named in the error."""
     (where,), fs = arrow_paths([path])
     try:
         return pq.read_table(where, columns=columns, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
-        raise CiterError(f"{path}: damaged labelled shard ({e}); rerun the collect stage (or `citer train`) "
-                         "to label it again") from None
+        raise damaged_shard(path, e) from None
 
 
 def shard_reads(path: StoragePath) -> bool:

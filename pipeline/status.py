@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from pipeline import CiterError
@@ -13,7 +12,10 @@ from pipeline.rundir import (
     TRAIN_DIR,
     collect_dir,
     iteration_dir,
+    read_collect_summary,
+    read_eval,
     read_run_record,
+    read_train_summary,
     router_dir,
 )
 from pipeline.runlock import read_lock
@@ -41,9 +43,10 @@ def run_status(run: str | StoragePath) -> str:
     elif progress:
         lines.append(f"  last started: iteration {progress['iteration']}, {progress['stage']}")
     lease = read_lock(run)
-    if lease and lease.get("expires", 0) > time.time():
-        lines.append(f"  running now: {lease.get('command')} on {lease.get('host')} (pid {lease.get('pid')}), lease "
-                     f"renewed {time.time() - lease.get('renewed', 0):.0f} s ago")
+    if lease:
+        renewed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("renewed") or 0))
+        lines.append(f"  lease held by {lease.get('command')} on {lease.get('host')} (pid {lease.get('pid')}): "
+                     f"heartbeat {lease.get('beat')}, last at {renewed} by its clock")
     started = progress.get("iteration", 0) + (progress.get("stage") != "done")
     for k in range(max(iterations, started)):
         it = iteration_dir(run, k)
@@ -52,7 +55,7 @@ def run_status(run: str | StoragePath) -> str:
             continue
         cdir = collect_dir(run, k)
         if (cdir / DONE).is_file():
-            c = json.loads((cdir / DONE).read_text())
+            c = read_collect_summary(cdir / DONE)
             rows = max(1, c["rows"])
             collect = (f"done, {c['rows']} tokens (case 1 {c['cases']['1'] / rows:.1%}, case 2 "
                        f"{c['cases']['2'] / rows:.1%}, case 3 {c['cases']['3'] / rows:.1%}; "
@@ -63,7 +66,7 @@ def run_status(run: str | StoragePath) -> str:
             collect = f"{len(list(cdir.glob('part-*.parquet')))} shards written, not complete"
         tdir = it / TRAIN_DIR
         if (tdir / DONE).is_file():
-            t = json.loads((tdir / DONE).read_text())
+            t = read_train_summary(tdir / DONE)
             train = (f"done, best epoch {t['best_epoch']} of {t['epochs_run']}, val accuracy "
                      f"{t['best']['val_accuracy']:.2%}")
         elif tdir.exists():
@@ -71,7 +74,7 @@ def run_status(run: str | StoragePath) -> str:
         else:
             train = "not started"
         if (it / EVAL_JSON).is_file():
-            e = json.loads((it / EVAL_JSON).read_text())
+            e = read_eval(it / EVAL_JSON)
             evaluation = "done, AUC " + ", ".join(f"{m} {a:.3f}" for m, a in sorted(e["auc"].items(),
                                                                                    key=lambda kv: -kv[1]))
         else:

@@ -6,21 +6,35 @@ or any URI `pyarrow.fs.FileSystem.from_uri` knows, with its query options such a
 filesystem. The stages use either through the same calls, and the helpers below (reading bytes,
 Parquet and safetensors; writing whole objects) for what `Path` alone cannot do.
 
-On an object store a write is one whole object (a PUT appears complete or not at all), so there is
-no temporary name to rename; the order of writes (markers last) is what marks work complete.
+A write never leaves part of a file under its name (`write_whole`). Locally: a temporary name
+beside the target, then a rename. In an object store: the object is uploaded under a temporary key
+beside its name (`.NAME.HEX.tmp`), then copied into place server-side and the temporary deleted.
+pyarrow has no way to abort an upload from Python: closing its output stream, which its `with`
+block and its garbage collector both do even after an exception, completes the upload with what
+was written so far. So an interrupted upload may complete a truncated object, but only under the
+temporary key, which is then deleted; the object under its real name appears whole or not at all.
+
 S3 credentials and endpoint come from the usual AWS variables (`AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_DEFAULT_REGION`) or the URI's query options.
+Credentials written into a URI (`s3://KEY:SECRET@bucket/...`) work, but are never shown:
+`str(path)` and `redact_uri` leave them out; only `location_text`, which hands a path to another
+citer process, carries them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
+import json
 import os
+import re
+import secrets
+import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
 from pipeline import CiterError
 
@@ -33,32 +47,48 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 @functools.cache
 def filesystem(base: str, bucket: str) -> Any:
-    """The pyarrow filesystem of `scheme://bucket[?query]` (one per process). Without
+    """The pyarrow filesystem of `scheme://[user:secret@]bucket[?query]` (one per process). Without
     AWS_REQUEST_CHECKSUM_CALCULATION=when_required (set above, unless the user set it), the AWS SDK
     of recent pyarrow sends aws-chunked uploads that some S3-compatible stores save verbatim."""
     import pyarrow.fs
 
-    scheme, _, query = base.partition("://")
+    scheme, _, rest = base.partition("://")
+    userinfo, _, query = rest.rpartition("@") if "@" in rest else ("", "", rest)
     try:
-        fs, _ = pyarrow.fs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")
+        fs, _ = pyarrow.fs.FileSystem.from_uri(f"{scheme}://{userinfo + '@' if userinfo else ''}{bucket}{query}")
     except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError
-        raise CiterError(f"storage {scheme}://{bucket}: not a filesystem pyarrow can open ({e})") from None
+        raise CiterError(f"storage {scheme}://{bucket}: not a filesystem pyarrow can open "
+                         f"({redact_uri(str(e))})") from None
     return fs
+
+
+# Query options of a storage URI whose values are secrets (pyarrow's S3 and GCS options).
+SECRET_OPTION = re.compile(r"(secret|token|password|access_key|credential)", re.IGNORECASE)
+
+
+def redact_uri(text: str) -> str:
+    """`text` with the credentials of any URI in it replaced by `***` (user:secret@ and secret query
+    options), for everything citer shows or stores: logs, run.json, W&B's config, `citer status`."""
+    text = re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^@\s?#]*@", r"\1***@", text)
+    return re.sub(r"([?&])([^=&\s]+)=[^&\s]*", lambda m: f"{m[1]}{m[2]}=***" if SECRET_OPTION.search(m[2])
+                  else m[0], text)
 
 
 class ObjectPath:
     """A key prefix in an object store, with the subset of `pathlib.Path` that citer uses."""
 
     def __init__(self, base: str, key: str):
-        self.base, self.key = base, key.strip("/")  # base: "s3://" plus any "?query"
+        self.base, self.key = base, key.strip("/")  # base: "s3://" plus any "user:secret@" and "?query"
 
     @classmethod
     def parse(cls, uri: str) -> ObjectPath:
-        parts = urlsplit(uri)
-        if not parts.netloc:
-            raise CiterError(f"storage {uri!r}: expected scheme://bucket/prefix")
-        query = f"?{parts.query}" if parts.query else ""
-        return cls(f"{parts.scheme}://{query}", f"{parts.netloc}{parts.path}")
+        scheme, _, rest = uri.partition("://")
+        rest, question, query = rest.partition("?")
+        # Credentials end at the last "@" (an AWS secret may hold "/", which urlsplit would cut at).
+        userinfo, _, location = rest.rpartition("@") if "@" in rest else ("", "", rest)
+        if not location.split("/")[0]:
+            raise CiterError(f"storage {redact_uri(uri)!r}: expected scheme://bucket/prefix")
+        return cls(f"{scheme}://{userinfo + '@' if userinfo else ''}{question}{query}", location)
 
     @property
     def fs(self) -> Any:
@@ -66,15 +96,24 @@ class ObjectPath:
 
     @property
     def uri(self) -> str:
-        """The URI that `run_path` reads back into this path (with the query options)."""
-        scheme, _, query = self.base.partition("://")
-        return f"{scheme}://{self.key}{query}"
+        """The URI that `run_path` reads back into this path (with the query options and any
+        credentials: for other citer processes only, never to show)."""
+        scheme, _, rest = self.base.partition("://")
+        userinfo, _, query = rest.rpartition("@") if "@" in rest else ("", "", rest)
+        return f"{scheme}://{userinfo + '@' if userinfo else ''}{self.key}{query}"
+
+    @property
+    def public_uri(self) -> str:
+        """`uri` without credentials: no user:secret@, no secret query option (the endpoint kept)."""
+        scheme, _, rest = self.base.partition("://")
+        options = [o for o in rest.partition("?")[2].split("&") if o and not SECRET_OPTION.search(o.split("=")[0])]
+        return f"{scheme}://{self.key}{'?' + '&'.join(options) if options else ''}"
 
     def __str__(self) -> str:
         return f"{self.base.partition('://')[0]}://{self.key}"
 
     def __repr__(self) -> str:
-        return f"ObjectPath({self.uri!r})"
+        return f"ObjectPath({redact_uri(self.uri)!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ObjectPath) and (self.base, self.key) == (other.base, other.key)
@@ -154,17 +193,44 @@ class ObjectPath:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def _put(self, write: Callable[[Any], None]) -> None:
+        """Write this object whole: `write(stream)` fills a temporary object beside it, which is then
+        copied into place (server-side) and deleted. An interrupted `write` completes at most the
+        temporary object (pyarrow's close does), which is deleted: never this one."""
+        tmp = self.parent / f".{self.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp.key) as out:
+                write(out)
+            self.fs.copy_file(tmp.key, self.key)
+        finally:
+            with contextlib.suppress(Exception):  # a killed process leaves it: a dot-name no reader lists
+                self.fs.delete_file(tmp.key)
+
     def write_bytes(self, data: bytes) -> None:
-        with self.fs.open_output_stream(self.key) as f:
-            f.write(data)
+        self._put(lambda out: out.write(data))
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
     def upload(self, local: Path) -> None:
-        with local.open("rb") as src, self.fs.open_output_stream(self.key) as dst:
+        def copy(out: Any) -> None:
+            with local.open("rb") as src:
+                while chunk := src.read(1 << 24):
+                    out.write(chunk)
+
+        self._put(copy)
+
+    def upload_raw(self, local: Path) -> None:
+        """Upload straight to this key: for objects under a temporary prefix only (an interrupted
+        upload may complete a truncated object here; see `_put`)."""
+        with local.open("rb") as src, self.fs.open_output_stream(self.key) as out:
             while chunk := src.read(1 << 24):
-                dst.write(chunk)
+                out.write(chunk)
+
+    def move_to(self, target: ObjectPath) -> None:
+        """Copy this object over `target` server-side (it appears whole), then delete this one."""
+        self.fs.copy_file(self.key, target.key)
+        self.fs.delete_file(self.key)
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
@@ -174,10 +240,42 @@ class ObjectPath:
                 raise
 
     def rmtree(self) -> None:
-        self.fs.delete_dir_contents(self.key, missing_dir_ok=True)
+        """Delete this prefix and everything under it, as shutil.rmtree does a directory."""
+        try:
+            self.fs.delete_dir(self.key)
+        except FileNotFoundError:
+            pass
 
 
 StoragePath = Path | ObjectPath
+
+
+def write_whole(path: StoragePath, data: bytes) -> None:
+    """Put `data` at `path` so that the file or object appears whole or not at all (see above)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def read_json(path: StoragePath, expected: str, remedy: str = "") -> Any:
+    """A JSON file that citer wrote, or a CiterError naming it, what it should hold and what to do
+    (a file cut short by a bad copy or a full disk, or one edited by hand, reads as damaged)."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CiterError(f"{path}: missing; expected {expected}{'; ' + remedy if remedy else ''}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CiterError(f"{path}: damaged, not JSON ({e}); expected {expected}"
+                         f"{'; ' + remedy if remedy else ''}") from None
 
 
 def run_path(location: str | os.PathLike | ObjectPath) -> StoragePath:
@@ -191,8 +289,20 @@ def run_path(location: str | os.PathLike | ObjectPath) -> StoragePath:
 
 
 def location_text(path: StoragePath) -> str:
-    """What to pass to another process so that `run_path` gives back `path` there."""
+    """What to pass to another citer process so that `run_path` gives back `path` there (with any
+    credentials of its URI: never to show or store)."""
     return path.uri if isinstance(path, ObjectPath) else str(path)
+
+
+def same_place(run: StoragePath, path: StoragePath) -> bool:
+    """Whether `path` is `run` or lies under it (an object path by scheme, bucket and key: the same
+    place whatever credentials or endpoint option reach it)."""
+    if isinstance(run, ObjectPath) and isinstance(path, ObjectPath):
+        scheme = lambda p: p.base.partition("://")[0]  # noqa: E731
+        return scheme(run) == scheme(path) and (path.key == run.key or path.key.startswith(run.key + "/"))
+    if isinstance(run, Path) and isinstance(path, Path):
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(run))
+    return False
 
 
 def check_reachable(path: StoragePath) -> None:

@@ -5,7 +5,14 @@ this working directory (without .git, the virtual environment, the demo world ca
 runs) with the W&B and hub settings of the submitting shell, less its paths (LOCAL_PATH_ENV) and
 API keys (SECRET_ENV, only when asked). The driver loads no model, so it needs no GPU. The run
 directory lives in the cluster's storage (an object store on a multi-node cluster), so submitting
-the same config again resumes the same run.
+the same config again resumes the same run: a relative run directory, which would land in the
+job's temporary copy of this directory, is refused.
+
+The job's environment, lowest precedence first: Ray Train's settings (RAY_TRAIN_ENV), the
+variables forwarded from this shell (`job_env`), the --runtime-env file's `env_vars`, and the API
+keys with --forward-secrets. The file is the cluster's own settings and wins over whatever this
+shell happens to have set; a forwarded variable that the file sets differently is named in a
+warning (its value is not shown), so that nothing is overridden silently.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets as tokens
 import shlex
 import time
 from pathlib import Path
@@ -23,6 +31,8 @@ import yaml
 from pipeline import CiterError
 from pipeline.config import load_config
 from pipeline.raysession import RAY_TRAIN_ENV, SECRET_ENV, job_env
+from pipeline.rundir import default_run_dir
+from pipeline.storage import ObjectPath, is_uri, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +41,9 @@ EXCLUDES = [".git", ".venv", ".citer", "runs", "wandb", "__pycache__", "*.pyc", 
 
 
 def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool = False) -> dict[str, Any]:
-    """The job's runtime env: `extra_file`'s (e.g. cluster/runtime-env.yaml), then the working dir,
-    the excludes and `job_env()` (with `secrets`, the API keys too) on top. Paths come from the file."""
+    """The job's runtime env: `extra_file`'s (e.g. cluster/runtime-env.yaml) with the working dir and
+    the excludes; its env vars over `job_env()`'s (see the module's docstring); with `secrets`, the
+    API keys too. Paths come from the file."""
     env: dict[str, Any] = {}
     if extra_file:
         try:
@@ -41,11 +52,34 @@ def runtime_env(working_dir: Path, extra_file: str | None = None, secrets: bool 
             raise CiterError(f"{extra_file}: cannot read the runtime env ({e})") from None
         if not isinstance(env, dict):
             raise CiterError(f"{extra_file}: a runtime env must be a mapping (working_dir, env_vars, pip, ...)")
-    env_vars = {**RAY_TRAIN_ENV, **(env.get("env_vars") or {}), **job_env()}
+    from_file, from_shell = {k: str(v) for k, v in (env.get("env_vars") or {}).items()}, job_env()
+    overridden = sorted(k for k in from_file.keys() & from_shell.keys() if from_file[k] != from_shell[k])
+    if overridden:
+        log.warning("%s sets %s, which this shell sets differently: the job gets the file's value (change the "
+                    "file to change it)", extra_file, ", ".join(overridden))
+    env_vars = {**RAY_TRAIN_ENV, **from_shell, **from_file}
     if secrets:
         env_vars.update({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)})
     return {**env, "working_dir": str(working_dir), "excludes": sorted({*EXCLUDES, *env.get("excludes", [])}),
             "env_vars": env_vars}
+
+
+def check_job_run(run: Any, key: str) -> None:
+    """Refuse a run directory that a Ray job cannot resume: a relative path (resolved in the job's
+    temporary working directory, deleted with the job) or a URI with credentials in it (the
+    entrypoint is kept in Ray's job table, readable from the dashboard)."""
+    text = run.uri if isinstance(run, ObjectPath) else str(run)
+    if is_uri(text):
+        if ObjectPath.parse(text).uri != ObjectPath.parse(text).public_uri:
+            raise CiterError(f"{key} {redact_uri(text)}: credentials in a storage URI would be kept in the job's "
+                             "entrypoint, readable from the Ray dashboard; give the cluster its credentials through "
+                             "its environment, secret store or instance role instead")
+        return
+    if not Path(text).is_absolute():
+        raise CiterError(f"{key} {text!r} is relative: the job would write the run into its temporary copy of this "
+                         "directory, deleted when the job ends, and no later submission could resume it. Use an "
+                         "absolute path on storage every node shares (e.g. storage=/mnt/shared/citer-runs) or "
+                         "storage=s3://BUCKET/PREFIX")
 
 
 def describe(env: dict[str, Any]) -> str:
@@ -60,6 +94,7 @@ def submit(config: str, overrides: list[str], address: str, run: str | None = No
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cfg = load_config(config, overrides)  # a bad config fails here, not on the cluster
+    check_job_run(run if run is not None else default_run_dir(cfg), "--run" if run is not None else "storage")
     wd = Path(working_dir).resolve()
     try:
         rel_config = Path(config).resolve().relative_to(wd)
@@ -74,7 +109,7 @@ def submit(config: str, overrides: list[str], address: str, run: str | None = No
     except Exception as e:  # connection refused, wrong scheme, no dashboard
         raise CiterError(f"cannot reach the Ray cluster at {address} ({type(e).__name__}: {e}); is the head's "
                          "dashboard running and reachable?") from None
-    submission_id = f"citer-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    submission_id = f"citer-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{tokens.token_hex(3)}"
     # The driver loads no model (evaluation runs on actors): it needs no GPU and may run on a CPU head.
     log.info("submitting %s to %s: %s; runtime env %s", submission_id, address, entrypoint, describe(env))
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,

@@ -1,7 +1,10 @@
 """Tracking: each iteration's record in the run's metrics.jsonl and in one W&B run per citer run.
 
 The W&B run is created on the run's first start and resumed, by the id stored in run.json, on
-every later one; it logs offline unless the config or the WANDB_* variables say otherwise.
+every later one; it logs offline unless the config or the WANDB_* variables say otherwise. W&B
+writes its files on the driver's machine; for a run in an object store they are copied into
+RUN/wandb/ after every iteration and at the end (`Tracker.persist`), so that they outlive the
+machine (a RayJob's cluster is deleted with its disks): `wandb sync` uploads them from a copy.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from typing import Any
 
 from pipeline import CiterError
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, atomic_writer
 from pipeline.config import Config
-from pipeline.rundir import CONVERGENCE_PNG, METRICS, read_run_record, update_run_record
+from pipeline.rundir import CONVERGENCE_PNG, DONE, METRICS, read_run_record, recorded_config, update_run_record
+from pipeline.runlock import guard_for
 from pipeline.stages.convergence import plot_convergence
-from pipeline.storage import StoragePath, local_dir, local_image
+from pipeline.storage import ObjectPath, StoragePath, local_dir, local_image, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ class Tracker:
         local = local_dir(run)  # W&B's files stay on this machine, also for a run in an object store
         (local / "wandb").mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        kwargs = dict(id=run_id, resume="allow", dir=str(local), name=cfg.name, config=cfg.to_dict(),
+        kwargs = dict(id=run_id, resume="allow", dir=str(local), name=cfg.name, config=recorded_config(cfg),
                       project=settings["project"], entity=settings["entity"], group=settings["group"],
                       mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
         try:
@@ -65,6 +70,7 @@ class Tracker:
         self.run.define_metric("*", step_metric="iteration")
         log.info("W&B run %s (project %s, mode %s) in %s", run_id, settings["project"], settings["mode"],
                  local / "wandb")
+        self._copied: dict[str, tuple[int, int]] = {}
 
     def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: StoragePath) -> None:
         """Record the iteration, redraw convergence.png over every finished iteration, and log both
@@ -83,22 +89,68 @@ class Tracker:
                                                     title=f"Accuracy vs LLM calls, iteration {k}"),
                       "curve/image": wandb.Image(local_image(curve)),
                       "convergence/image": wandb.Image(local_image(self.run_dir / CONVERGENCE_PNG))})
+        self.persist()
+
+    def persist(self) -> None:
+        """For a run in an object store, copy W&B's files of this machine that changed since the last
+        copy into RUN/wandb/ (each file whole; those W&B still appends to as they are now)."""
+        if not isinstance(self.run_dir, ObjectPath):
+            return  # a local run keeps them in RUN/wandb itself
+        local = local_dir(self.run_dir) / "wandb"
+        for f in sorted(local.rglob("*")):
+            if not f.is_file() or f.is_symlink() or "tmp" in f.relative_to(local).parts:
+                continue
+            name, stat = f.relative_to(local).as_posix(), f.stat()
+            if self._copied.get(name) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            with atomic_writer(self.run_dir / "wandb" / name) as tmp:
+                shutil.copyfile(f, tmp)
+            self._copied[name] = (stat.st_size, stat.st_mtime_ns)
 
     def finish(self) -> None:
         self.run.finish()
+        try:
+            self.persist()
+        except CiterError as e:  # the lease was lost: nothing more is written into the run
+            log.warning("W&B's files were not copied into %s: %s", self.run_dir, e)
 
 
 def write_metrics_record(run: StoragePath, metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Put one iteration's record in metrics.jsonl, replacing an earlier record of that iteration
-    (a run killed between logging and its marker logs the iteration again)."""
-    path = run / METRICS
-    records = [r for r in read_metrics_records(run) if r.get("iteration") != metrics["iteration"]] + [metrics]
+    """Put one iteration's record in metrics.jsonl with those of the other finished iterations,
+    read from their markers (iter-NNN/_DONE holds the same record), so that a metrics.jsonl that
+    was lost or damaged is written whole again."""
+    guard = guard_for(run / METRICS)
+    records = [r for r in finished_records(run) if r.get("iteration") != metrics["iteration"]]
+    records.append({**metrics, "lease": guard.token} if guard is not None else metrics)
     records.sort(key=lambda r: r["iteration"])
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(run / METRICS, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
+def finished_records(run: StoragePath) -> list[dict[str, Any]]:
+    """The records in the finished iterations' markers (iter-NNN/_DONE), in order."""
+    records = [read_json(d, "the iteration's metrics record", "delete it to finish that iteration again")
+               for d in run.glob(f"iter-*/{DONE}")]
+    return sorted(records, key=lambda r: r["iteration"])
+
+
 def read_metrics_records(run: StoragePath) -> list[dict[str, Any]]:
-    """Every finished iteration's record in metrics.jsonl, in order (none before the first)."""
+    """Every finished iteration's record in metrics.jsonl, in order (none before the first; the
+    iterations' markers when the file is missing); a line that is not a JSON record is named in the
+    error."""
     path = run / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return finished_records(run)
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["iteration"]  # noqa: B018 - must be there
+        except (ValueError, TypeError, KeyError) as e:
+            raise CiterError(f"{path}: line {n} is damaged, not an iteration's JSON record ({type(e).__name__}: "
+                             f"{e}); delete the file: the finished iterations' _DONE markers hold the same records, "
+                             "and the next iteration writes it again from them") from None
+        records.append(record)
+    return records

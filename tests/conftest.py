@@ -73,10 +73,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3(tmp_path_factory):
+def s3(s3_server) -> dict[str, str]:
+    """The environment an S3 client of `s3_server` needs (endpoint and credentials), also set in
+    this process's environment while the server runs."""
+    return s3_server[0]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
     """A SeaweedFS server (master, volume, filer, S3 gateway) on free local ports with bucket
-    `citer`; yields the environment a client needs (endpoint and credentials), also set in this
-    process's environment while it runs."""
+    `citer`; yields (the environment a client needs, the server's process)."""
     import pyarrow.fs
 
     weed = Path(sys.executable).parent / "weed"
@@ -106,7 +112,7 @@ def s3(tmp_path_factory):
                     tail = (data / "weed.log").read_text()[-3000:]
                     raise AssertionError(f"SeaweedFS did not start: {tail}") from None
                 time.sleep(0.5)
-        yield env
+        yield env, proc
     finally:
         for k, v in saved.items():
             if v is None:

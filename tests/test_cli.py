@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, run_citer
+from tests.conftest import DEMO_CONFIG, ROOT, run_citer
 
 SUBCOMMANDS = ["build-demo", "eval", "collect", "fit-router", "train", "status"]
 
@@ -37,3 +37,83 @@ def test_missing_dataset_column_names_file_row_and_field(tmp_path, demo_world):
 def test_invalid_values_are_refused(bad):
     proc = run_citer("eval", str(DEMO_CONFIG), bad)
     assert proc.returncode == 2 and bad.split("=")[0] in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files and odd paths, as a new user meets them: one line naming the file, a non-zero exit
+
+
+def one_error_line(proc) -> str:
+    """The one `citer: error:` line of a refused command (and no traceback)."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("citer: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture
+def recorded_run(tmp_path, demo_world):
+    """A run directory as a first start leaves it: run.json with the demo config."""
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.rundir import check_run_config
+
+    os.chdir(ROOT)
+    run = tmp_path / "run"
+    check_run_config(load_config(DEMO_CONFIG), run)
+    return run
+
+
+def cut_short(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_status_names_each_damaged_file_it_reads(recorded_run):
+    run = recorded_run
+    record = {"iteration": 0, "collect/case3_share": 0.5, "eval/auc/router": 0.7}
+    (run / "iter-000" / "collect").mkdir(parents=True)
+    (run / "iter-000" / "collect" / "_DONE").write_text(json.dumps({"rows": 4, "cases": {"1": 2, "2": 1, "3": 1}}))
+    (run / "iter-000" / "eval.json").write_text(json.dumps({"auc": {"router": 0.7}, "points": []}))
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert run_citer("status", str(run)).returncode == 0
+    for damaged, expected in (("run.json", "damaged, not JSON (Unterminated string"),
+                              ("iter-000/eval.json", "damaged, not JSON"),
+                              ("iter-000/collect/_DONE", "damaged, not JSON"),
+                              ("metrics.jsonl", "line 1 is damaged, not an iteration's JSON record")):
+        whole = (run / damaged).read_bytes()
+        cut_short(run / damaged)
+        line = one_error_line(run_citer("status", str(run)))
+        assert line.startswith(f"citer: error: {run / damaged}: {expected}"), line
+        (run / damaged).write_bytes(whole)
+
+
+def test_fit_router_names_a_truncated_shard(recorded_run, demo_world):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import SCHEMA
+
+    run, n, width = recorded_run, 40, 48  # the demo SLM's hidden size
+    collect = run / "iter-000" / "collect"
+    collect.mkdir(parents=True)
+    table = pa.table({"example_id": [f"train-{i // 10:06d}" for i in range(n)], "position": list(range(n)),
+                      "token_id": [1] * n, "slm_token": [1] * n, "llm_token": [1] * n,
+                      "slm_hidden": [[0.5] * width] * n, "label": [1] * n, "case": [1] * n,
+                      "rollout_correct": [None] * n}, schema=SCHEMA)
+    pq.write_table(table, collect / "part-00000.parquet")
+    (collect / "_DONE").write_text(json.dumps({"rows": n}))
+    cut_short(collect / "part-00000.parquet")
+    line = one_error_line(run_citer("fit-router", str(DEMO_CONFIG), "--run", str(run)))
+    assert line.startswith(f"citer: error: {collect / 'part-00000.parquet'}: damaged labelled shard, not Parquet")
+    assert "rerun the collect stage" in line
+
+
+def test_a_run_path_that_is_a_file_or_under_one_is_named(tmp_path, demo_world):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a run")
+    line = one_error_line(run_citer("train", str(DEMO_CONFIG), "--run", str(afile)))
+    assert line == f"citer: error: {afile}: expected a run directory, found a file"
+    line = one_error_line(run_citer("collect", str(DEMO_CONFIG), "--run", str(afile / "run")))
+    assert line.startswith(f"citer: error: {afile / 'run'}") and "Not a directory" in line
+    assert afile.read_text() == "not a run"

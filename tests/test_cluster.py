@@ -21,6 +21,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipeline import CiterError
 from pipeline.config import Config, load_config
 from pipeline.submit import EXCLUDES, describe, runtime_env
 from tests.conftest import ROOT
@@ -135,8 +136,8 @@ def test_kuberay_manifests_name_the_pinned_ray_and_a_real_entrypoint():
     claim = docs["storage.yaml"][0]["metadata"]["name"]
     for spec in cluster_specs().values():
         assert spec["rayVersion"] == version
-        found = images(spec)
-        assert len(found) == 2 and all(IMAGE_TAG.match(i)["ray"] == version for i in found)
+        found = images(spec)  # the containers and the init containers of the head and the GPU group
+        assert len(found) == 4 and all(IMAGE_TAG.match(i)["ray"] == version for i in found)
         for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
             volumes = group["template"]["spec"]["volumes"]
             assert {"name": "shared", "persistentVolumeClaim": {"claimName": claim}} in volumes
@@ -296,38 +297,148 @@ def test_every_kuberay_container_gets_the_keys_from_the_secret():
 # The shipped GPU configs against what the cluster files provide
 
 
-def provided_nodes() -> dict[str, dict[str, float]]:
-    """GPU/CPU per GPU worker pod or node, and the most GPUs a cluster reaches, per cluster file."""
-    out = {}
-    for name, spec in cluster_specs().items():
-        group = spec["workerGroupSpecs"][0]
+def reachable_nodes(spec: dict) -> list[dict[str, float]]:
+    """The GPU worker nodes a KubeRay cluster spec can have at once, as Ray sees them (CPUs and GPUs):
+    with the in-tree autoscaler every group can grow to maxReplicas on demand; without it exactly
+    `replicas` pods start (KubeRay clamps them to [minReplicas, maxReplicas]) and no more ever will."""
+    nodes = []
+    for group in spec["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        out[name] = {"gpus": int(limits["nvidia.com/gpu"]), "cpus": int(limits["cpu"]),
-                     "max_gpus": int(limits["nvidia.com/gpu"]) * group["maxReplicas"]}
-    node = launcher()["available_node_types"]["gpu"]
-    out["launcher-aws.yaml"] = {"gpus": node["resources"]["GPU"], "cpus": node["resources"]["CPU"],
-                                "max_gpus": node["resources"]["GPU"] * node["max_workers"]}
-    return out
+        params = group.get("rayStartParams", {})
+        node = {"GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+                "CPU": float(params.get("num-cpus", limits["cpu"]))}
+        count = group["maxReplicas"] if spec.get("enableInTreeAutoscaling") else \
+            min(max(group["replicas"], group["minReplicas"]), group["maxReplicas"])
+        nodes += [node] * count
+    return nodes
+
+
+def launcher_nodes() -> list[dict[str, float]]:
+    """The launcher's worker nodes at most: its autoscaler starts each node type up to max_workers
+    (and the cluster up to its own max_workers) when tasks ask for them."""
+    config, nodes = launcher(), []
+    for name, node_type in config["available_node_types"].items():
+        if name != config["head_node_type"]:
+            nodes += [{"GPU": float(node_type["resources"].get("GPU", 0)), "CPU": float(node_type["resources"]["CPU"])}
+                      ] * node_type["max_workers"]
+    return nodes[: config["max_workers"]]
+
+
+def placeable(nodes: list[dict[str, float]], bundles: int, gpus: float, cpus: float) -> bool:
+    """Whether `bundles` bundles of `gpus` GPUs and `cpus` CPUs each fit on `nodes`, a bundle never
+    split across nodes (an actor's GPUs, or a train worker's, are on one node)."""
+    per_node = [int(min(n["GPU"] // gpus if gpus else bundles, n["CPU"] // cpus if cpus else bundles)) for n in nodes]
+    return sum(per_node) >= bundles
+
+
+def cluster_files() -> dict[str, list[dict[str, float]]]:
+    return {**{name: reachable_nodes(spec) for name, spec in cluster_specs().items()},
+            "launcher-aws.yaml": launcher_nodes()}
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
-def test_gpu_configs_fit_the_gpus_the_cluster_files_provide(name):
-    """Per actor / worker on one node, every actor's GPUs as whole bundles on the nodes, and all train workers
-    at once (Ray Train waits for every one). GPU memory is not checked here: see cluster/README.md, "GPU
-    memory"."""
+def test_gpu_configs_fit_the_nodes_each_cluster_file_would_start(name):
+    """Every stage's actors or workers, as the config asks for them, against the nodes the cluster can
+    start (not what a manifest declares as its maximum): collect and evaluation actors of
+    `collect.num_gpus_per_actor` GPUs each, all at once (an actor pool), then the training workers,
+    all at once (Ray Train waits for every one). GPU memory is checked in the next test."""
     cfg = load_config(ROOT / "jobs" / "configs" / name)
     assert cfg.models.device == "cuda" and cfg.deepspeed.bf16 and cfg.storage.startswith("/mnt/shared")
     assert cfg.demo is None and not Path(cfg.task.train_path).exists()  # hub names, not local files
     c, t = cfg.collect, cfg.train
-    assert 1 <= c.num_gpus_per_actor and 1 <= t.gpus_per_worker and cfg.models.llm_device_map is not None
-    for where, node in provided_nodes().items():
-        assert c.num_gpus_per_actor <= node["gpus"] and c.num_cpus_per_actor <= node["cpus"], where
-        assert t.gpus_per_worker <= node["gpus"] and t.cpus_per_worker <= node["cpus"], where
-        assert t.num_workers * t.gpus_per_worker <= node["max_gpus"], where
-        # a bundle of an actor's GPUs sits on one node: count whole bundles per node
-        nodes = node["max_gpus"] // node["gpus"]
-        bundles = nodes * (node["gpus"] // c.num_gpus_per_actor)
-        assert c.num_actors <= bundles, where  # collect and evaluation actors alike
+    for where, nodes in cluster_files().items():
+        assert placeable(nodes, c.num_actors, c.num_gpus_per_actor, c.num_cpus_per_actor), where
+        assert placeable(nodes, t.num_workers, t.gpus_per_worker, t.cpus_per_worker), where
+
+
+def test_the_capacity_check_catches_a_cluster_that_starts_too_few_gpu_workers():
+    """The manifests as they were: two 8-GPU workers and no autoscaler, for 4 actors of 5 GPUs."""
+    spec = json.loads(json.dumps(cluster_specs()["raycluster.yaml"]))
+    spec["enableInTreeAutoscaling"] = False
+    spec["workerGroupSpecs"][0].update(replicas=2, minReplicas=0, maxReplicas=4)
+    cfg = load_config(ROOT / "jobs" / "configs" / "gsm8k-qwen2.yaml")
+    assert len(reachable_nodes(spec)) == 2
+    assert not placeable(reachable_nodes(spec), cfg.collect.num_actors, cfg.collect.num_gpus_per_actor,
+                         cfg.collect.num_cpus_per_actor)
+
+
+# Parameters of the shipped configs' LLMs (their model cards) and GPU memory of the launcher's instance type
+# (p4d.24xlarge: 8 A100 40 GB); a KubeRay node's GPUs are assumed to be no smaller.
+LLM_PARAMETERS = {"Qwen/Qwen2-72B-Instruct": 72.7e9, "meta-llama/Meta-Llama-3-70B-Instruct": 70.6e9}
+GPU_BYTES = 40e9
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_device_maps_match_the_gpus_an_actor_reserves(name):
+    """The device map spreads the LLM over exactly the GPUs an actor reserves (config.check_llm_gpus
+    refuses a map that names a GPU the actor does not have or leaves one it reserved empty) and
+    those GPUs hold the LLM's bf16 weights; `balanced_low_0` keeps the first GPU for the SLM."""
+    cfg = load_config(ROOT / "jobs" / "configs" / name)
+    gpus = int(cfg.collect.num_gpus_per_actor)
+    spread_over = gpus - 1 if cfg.models.llm_device_map == "balanced_low_0" else gpus
+    assert cfg.models.dtype == "bfloat16" and LLM_PARAMETERS[cfg.models.llm] * 2 <= 0.8 * spread_over * GPU_BYTES
+    for overrides, refused in (([f"models.llm_device_map={{model.layers.0: {gpus}}}"], f"on GPU {gpus}, but an actor "
+                                f"reserves {gpus} GPUs"),
+                               (["models.llm_device_map=null"], f"collect.num_gpus_per_actor={gpus}, but "
+                                "models.llm_device_map is unset")):
+        with pytest.raises(CiterError, match=refused):
+            load_config(ROOT / "jobs" / "configs" / name, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared volume: writable by the containers' user; declared shared by path, not for all paths
+
+
+def dockerfile_user() -> str:
+    """The uid:gid the image's `ray` user must have (cluster/Dockerfile checks it at build time)."""
+    return re.search(r'test "\$\(id -u ray\):\$\(id -g ray\)" = "(\d+:\d+)"',
+                     (CLUSTER / "Dockerfile").read_text()).group(1)
+
+
+def test_the_launcher_hands_the_mounted_volume_to_the_containers_user(tmp_path):
+    mount = next(c for c in launcher()["initialization_commands"] if "mount -t nfs4" in c)
+    placeholder = re.search(r"EFS_ID=(\S+)", mount).group(1)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    for tool in ("sudo", "mount", "chown", "chmod", "mkdir"):
+        fake_tool(bin_dir, tool, f'echo "{tool} $*" >> {calls}' + ('\nexec "$@"' if tool == "sudo" else ""))
+    fake_tool(bin_dir, "mountpoint", "exit 1")  # not mounted yet
+    done = run_bash(mount.replace(placeholder, "fs-0123456789abcdef0"), tmp_path, bin_dir)
+    assert done.returncode == 0, done.stderr
+    steps = [line for line in calls.read_text().splitlines() if not line.startswith("sudo")]
+    assert steps[1].startswith("mount -t nfs4") and steps[1].endswith("/mnt/shared")
+    assert steps[2:] == [f"chown {dockerfile_user()} /mnt/shared", "chmod 0775 /mnt/shared"]  # after the mount
+
+
+def test_every_kuberay_pod_hands_the_shared_volume_to_the_containers_user_before_ray_starts(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    for tool in ("chown", "chmod"):
+        fake_tool(bin_dir, tool, f'echo "{tool} $*" >> {calls}')
+    for name, spec in cluster_specs().items():
+        for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+            pod = group["template"]["spec"]
+            mounted = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "shared"}
+            (init,) = pod["initContainers"]
+            assert init["securityContext"]["runAsUser"] == 0
+            assert {m["mountPath"] for m in init["volumeMounts"] if m["name"] == "shared"} == mounted == {"/mnt/shared"}
+            calls.unlink(missing_ok=True)
+            assert init["command"][:2] == ["bash", "-c"]
+            assert run_bash(init["command"][2], tmp_path, bin_dir).returncode == 0
+            assert calls.read_text().splitlines() == [f"chown {dockerfile_user()} /mnt/shared",
+                                                      "chmod 0775 /mnt/shared"], name
+
+
+def test_shared_storage_is_declared_for_the_mount_point_only(monkeypatch):
+    from pipeline.raysession import shared_mounts
+
+    declared = [yaml.safe_load((CLUSTER / "runtime-env.yaml").read_text())["env_vars"]["CITER_SHARED_STORAGE"]]
+    for spec in cluster_specs().values():
+        for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+            env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+            declared.append(env["CITER_SHARED_STORAGE"])
+    assert set(declared) == {"/mnt/shared"}
+    monkeypatch.setenv("CITER_SHARED_STORAGE", "1")  # the old switch for every path is refused, saying why
+    with pytest.raises(CiterError, match="CITER_SHARED_STORAGE=1: it names the mount points"):
+        shared_mounts()
 
 
 def test_the_rayservice_serves_a_trained_run_of_a_shipped_config_on_the_gpus_a_worker_has():

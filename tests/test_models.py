@@ -73,3 +73,26 @@ def test_missing_model_and_empty_prompts_are_clear_errors(tmp_path):
 
 def test_remote_code_is_off_unless_asked():
     assert load_config(DEMO_CONFIG).models.trust_remote_code is False
+
+
+def test_an_llm_left_partly_in_host_memory_by_too_few_gpus_is_refused_unless_asked(demo_world):
+    """accelerate's own placement of the demo LLM on a GPU too small for it (as an actor reserving too
+    few GPUs meets it): the modules it leaves on the CPU are refused, unless the map or
+    models.llm_max_memory asked for the CPU."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import check_offload
+
+    with init_empty_weights():
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_world / "llm"))
+    placed = infer_auto_device_map(llm, max_memory={0: "1MB", "cpu": "10GB"})
+    assert 0 in placed.values() and "cpu" in placed.values()
+    cfg = ModelsConfig(slm=str(demo_world / "slm"), llm=str(demo_world / "llm"), device="cuda",
+                       llm_device_map="balanced")
+    with pytest.raises(CiterError, match=r"models.llm_device_map='balanced' left \d+ of .*llm's modules in host "
+                                         r"memory or on disk \(model.layers.0.mlp.up_proj, ...\)"):
+        check_offload(cfg.llm, cfg, "balanced", placed)
+    asked = ModelsConfig(**{**cfg.__dict__, "llm_max_memory": {"0": "1MB", "cpu": "10GB"}})
+    check_offload(asked.llm, asked, "balanced", placed)
+    check_offload(cfg.llm, cfg, {m: str(d) for m, d in placed.items()}, placed)  # an explicit map naming "cpu"

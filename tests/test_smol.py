@@ -11,9 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import CiterError
-from pipeline.worlds import smol
 from pipeline.cli import main, parse_args
 from pipeline.config import SmolConfig, load_config
+from pipeline.worlds import smol
 from pipeline.worlds.smol import BUILDER_VERSION, is_built, locate_gguf
 from tests.conftest import GSM8K_DIR, ROOT
 

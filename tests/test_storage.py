@@ -3,8 +3,13 @@
 cannot work. `citer train` killed in each stage and resumed into `s3://` is in test_loop.py."""
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs
@@ -75,3 +80,116 @@ def test_a_local_run_directory_on_a_multi_node_cluster_is_refused_before_any_wor
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert f"{run} is a local path, but the Ray cluster has 2 nodes" in refused.stderr
     assert "s3://BUCKET/PREFIX" in refused.stderr and not run.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole objects and directories, whatever stops a write
+
+
+def test_pyarrow_completes_an_upload_even_after_an_error_which_is_why_citer_uploads_beside(s3):
+    """The hazard citer works around: leaving pyarrow's output stream by an exception (Ctrl-C, a
+    cancelled job) completes the upload with what was written so far, small (one PUT) or large
+    (multipart). If pyarrow ever aborts instead, this test says so."""
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"])
+    for size in (1000, 12 * 2**20):
+        key = f"{BUCKET}/hazard/cut-{size}"
+        with pytest.raises(KeyboardInterrupt), fs.open_output_stream(key) as out:
+            out.write(b"x" * size)
+            raise KeyboardInterrupt
+        assert fs.get_file_info(key).size == size  # committed, as cut
+
+
+UPLOAD = """
+import sys
+from pipeline.atomic import atomic_writer
+with atomic_writer(sys.argv[1]) as tmp:
+    tmp.write_bytes(bytes(range(256)) * (2**18))  # 64 MiB: a multipart upload
+    print("uploading", flush=True)
+"""
+
+
+@contextmanager
+def store_paused(server: subprocess.Popen):
+    """The S3 server stopped (SIGSTOP) for the block: a request in flight hangs until it ends."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def test_an_upload_interrupted_by_ctrl_c_leaves_the_object_as_it_was(s3_server, tmp_path):
+    """Ctrl-C while the object's upload hangs (the store paused, so the interrupt surely lands inside
+    it): the object keeps its old content and no temporary object is left beside it."""
+    target = run_path(f"s3://{BUCKET}/interrupted/{tmp_path.name}/part-00000.parquet")
+    target.write_bytes(b"version 1")
+    proc = subprocess.Popen([sys.executable, "-c", UPLOAD, target.uri], cwd=ROOT, env=citer_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "uploading\n"
+    with store_paused(s3_server[1]):
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert target.read_bytes() == b"version 1"
+    assert [p.name for p in target.parent.iterdir()] == ["part-00000.parquet"]  # no temporary object left
+
+
+PUBLISH = """
+import shutil, sys
+from pipeline.atomic import atomic_directory
+with atomic_directory(sys.argv[1], last=("config.json",)) as tmp:
+    print("building", flush=True)
+    shutil.copytree(sys.argv[2], tmp, dirs_exist_ok=True)
+    print("built", flush=True)
+"""
+
+
+def publish(router: str, version: Path) -> subprocess.Popen:
+    """Put the router directory `version` at `router` with atomic_directory, as fit_router does."""
+    return subprocess.Popen([sys.executable, "-c", PUBLISH, router, str(version)], cwd=ROOT, env=citer_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_router_directory_replaced_by_a_writer_killed_midway_still_loads(where, s3_server, tmp_path):
+    """A router replaced as fit_router does it (atomic_directory, config.json last). The writer of
+    version 2 SIGKILLed midway (locally while it builds; in S3 while it uploads beside the old one,
+    the store paused so that the kill lands there): version 1 is there, whole, and loads. Version 2
+    written to the end replaces it; a file that version 1 had and version 2 lacks is gone only then."""
+    import torch
+
+    from pipeline.router import CONFIG, WEIGHTS, Router, RouterSpec, load_router, save_router
+
+    versions = []
+    for version in (1, 2):
+        torch.manual_seed(version)
+        versions.append(save_router(Router(RouterSpec(input_size=16)).eval(), tmp_path / f"v{version}",
+                                    meta={"version": version}))
+    (versions[0] / "notes.bin").write_bytes(bytes(range(256)) * (2**18))  # 64 MiB, only in version 1
+    big_v2 = tmp_path / "v2-big"
+    shutil.copytree(versions[1], big_v2)
+    (big_v2 / "notes.bin").write_bytes(bytes(range(255, -1, -1)) * (2**18))
+    router = run_path(str(tmp_path / "router") if where == "local" else f"s3://{BUCKET}/switch/{tmp_path.name}/router")
+    location = router.uri if where == "s3" else str(router)
+    assert publish(location, versions[0]).wait(timeout=300) == 0
+    v1 = {name: (router / name).read_bytes() for name in (CONFIG, WEIGHTS, "notes.bin")}
+    killed = publish(location, big_v2)
+    if where == "local":
+        assert killed.stdout.readline() == "building\n"
+        killed.kill()
+    else:
+        assert killed.stdout.read(len("building\nbuilt\n")) == "building\nbuilt\n"
+        with store_paused(s3_server[1]):
+            time.sleep(0.3)
+            killed.kill()
+            killed.wait()
+    killed.wait()
+    assert {name: (router / name).read_bytes() for name in v1} == v1
+    assert load_router(router).meta == {"version": 1}
+    done = publish(location, versions[1])
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    assert load_router(router).meta == {"version": 2} and (router / WEIGHTS).read_bytes() != v1[WEIGHTS]
+    assert sorted(p.name for p in router.iterdir()) == [CONFIG, WEIGHTS]  # notes.bin removed after the switch
+    assert not list(router.parent.glob(".router.*.tmp"))  # the killed writer's leftovers too

@@ -2,6 +2,7 @@
 `ray start --head` on loopback (slow)."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline import CiterError
 from pipeline.raysession import LOCAL_PATH_ENV
 from pipeline.submit import runtime_env, submit
 from tests.conftest import DEMO_CONFIG, ROOT, citer_env, run_citer
@@ -67,11 +69,47 @@ def test_the_driver_of_a_gpu_config_reserves_no_gpu(fake_client, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert submit("jobs/configs/gsm8k-qwen2.yaml", ["collect.num_gpus_per_actor=2"], "http://127.0.0.1:1",
                   follow=False, runtime_env_file="cluster/runtime-env.yaml") == 0
-    assert submit(str(DEMO_CONFIG.relative_to(ROOT)), [], "http://127.0.0.1:1", follow=False) == 0
+    assert submit(str(DEMO_CONFIG.relative_to(ROOT)), ["storage=/mnt/shared/citer-runs"], "http://127.0.0.1:1",
+                  follow=False) == 0
     gpu, demo = fake_client
     assert gpu.get("entrypoint_num_gpus") is None and demo.get("entrypoint_num_gpus") is None
     assert gpu["entrypoint"].startswith("python jobs/entrypoint.py jobs/configs/gsm8k-qwen2.yaml")
     assert gpu["runtime_env"]["env_vars"]["HF_HOME"] == "/mnt/shared/hf-cache"
+
+
+def test_a_run_that_a_job_could_not_resume_or_whose_uri_shows_credentials_is_refused(fake_client, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    demo = str(DEMO_CONFIG.relative_to(ROOT))
+    for overrides, run, message in (
+            ([], None, "storage 'runs/demo' is relative: the job would write the run into its temporary copy"),
+            ([], "runs/demo-2", "--run 'runs/demo-2' is relative"),
+            (["storage=s3://AKIAKEY:se/cret@bucket/runs"], None,
+             r"storage s3://\*\*\*@bucket/runs/demo: credentials in a storage URI would be kept in the job's "
+             "entrypoint")):
+        with pytest.raises(CiterError, match=message) as refused:
+            submit(demo, overrides, "http://127.0.0.1:1", run=run, follow=False)
+        assert "se/cret" not in str(refused.value)
+    assert fake_client == []  # nothing was submitted
+
+
+def test_two_submissions_in_one_second_get_distinct_ids(fake_client, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for _ in range(2):
+        submit(str(DEMO_CONFIG.relative_to(ROOT)), ["storage=s3://bucket/runs"], "http://127.0.0.1:1", follow=False)
+    first, second = (job["submission_id"] for job in fake_client)
+    assert first != second and first.startswith("citer-demo-") and second[:-7] == first[:-7]
+
+
+def test_the_runtime_env_file_wins_over_this_shell_and_names_what_it_overrides(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-my-shell")
+    cluster_file = tmp_path / "runtime-env.yaml"
+    cluster_file.write_text("env_vars:\n  WANDB_MODE: online\n  HF_HOME: /mnt/shared/hf-cache\n")
+    with caplog.at_level(logging.WARNING):
+        env = runtime_env(ROOT, str(cluster_file))["env_vars"]
+    assert env["WANDB_MODE"] == "online" and env["WANDB_PROJECT"] == "from-my-shell"
+    assert f"{cluster_file} sets WANDB_MODE, which this shell sets differently" in caplog.text
+    assert "offline" not in caplog.text  # names, never values
 
 
 @pytest.fixture

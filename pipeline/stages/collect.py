@@ -38,6 +38,7 @@ from pipeline.rundir import (
     check_run_config,
     collect_dir,
     iteration_dir,
+    read_collect_summary,
     router_dir,
     shard_path,
 )
@@ -224,7 +225,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
     if done.is_file():
         if all(shard_reads(f) for f in out_dir.glob("part-*.parquet")):
             log.info("collect stage of iteration %d is complete (%s); skipping", iteration, done)
-            return json.loads(done.read_text())
+            return read_collect_summary(done)
         done.unlink()  # a shard was damaged after the stage finished: label it again below
     if iteration > 0 and not (collect_dir(run, 0) / DONE).is_file():
         raise CiterError(f"iteration {iteration} reuses iteration 0's labels, but {collect_dir(run, 0)} "

@@ -8,7 +8,6 @@ later iterations: they do not depend on the router. The run directory's layout i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -22,6 +21,7 @@ from pipeline.rundir import (
     check_run_config,
     default_run_dir,
     iteration_dir,
+    read_eval,
     router_dir,
     update_run_record,
 )
@@ -48,10 +48,10 @@ def evaluate_iteration(cfg: Config, run: StoragePath, iteration: int) -> tuple[d
     it = iteration_dir(run, iteration)
     if (it / EVAL_JSON).is_file():
         log.info("evaluation of iteration %d is complete (%s); skipping", iteration, it / EVAL_JSON)
-        return json.loads((it / EVAL_JSON).read_text()), 0.0
+        return read_eval(it / EVAL_JSON), 0.0
     baselines = None
     if iteration > 0 and (iteration_dir(run, 0) / EVAL_JSON).is_file():
-        baselines = json.loads((iteration_dir(run, 0) / EVAL_JSON).read_text())
+        baselines = read_eval(iteration_dir(run, 0) / EVAL_JSON)
     t0 = time.perf_counter()
     result = run_eval(cfg, it, router_dir=router_dir(run, iteration), baselines=baselines)
     return result, time.perf_counter() - t0
@@ -70,7 +70,7 @@ def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any
             it = iteration_dir(run, k)
             if (it / DONE).is_file():
                 log.info("iteration %d is complete; skipping", k)
-                result = json.loads((it / EVAL_JSON).read_text())
+                result = read_eval(it / EVAL_JSON)
                 continue
             log.info("iteration %d of %d: collect", k, cfg.loop.iterations)
             update_run_record(run, progress={"iteration": k, "stage": "collect"})

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import shutil
@@ -38,14 +37,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
-from pipeline.raysession import ensure_ray, no_gpu_deepspeed
-from pipeline.rundir import DONE, TRAIN_DIR, check_run_config, collect_dir, iteration_dir, router_dir
-from pipeline.shards import feature_columns, is_validation, read_labels, to_arrays
+from pipeline.raysession import ensure_ray, no_gpu_deepspeed, one_line, user_error
+from pipeline.rundir import (
+    DONE,
+    TRAIN_DIR,
+    check_run_config,
+    collect_dir,
+    iteration_dir,
+    read_train_summary,
+    router_dir,
+)
+from pipeline.runlock import fence_for
+from pipeline.shards import damaged_shard, feature_columns, is_validation, read_labels, to_arrays
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
@@ -118,12 +127,16 @@ def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list
     widths = {"hidden": hidden}
     wheres, fs = arrow_paths(files)
     for f, where in zip(files, wheres, strict=True):
-        with pq.ParquetFile(where, filesystem=fs) as shard:
-            missing = [c for c in features.values() if c not in shard.schema_arrow.names]
-            if missing:
-                raise CiterError(f"{f}: no column {missing[0]}, which router.features={list(cfg.router.features)} "
-                                 "reads; these labels were collected for other router features: collect again")
-            first = shard.read_row_group(0, columns=sorted({"slm_hidden", *features.values()}))
+        try:
+            with pq.ParquetFile(where, filesystem=fs) as shard:
+                missing = [c for c in features.values() if c not in shard.schema_arrow.names]
+                if missing:
+                    raise CiterError(f"{f}: no column {missing[0]}, which router.features="
+                                     f"{list(cfg.router.features)} reads; these labels were collected for other "
+                                     "router features: collect again")
+                first = shard.read_row_group(0, columns=sorted({"slm_hidden", *features.values()}))
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(f, e) from None
         if first.num_rows and len(first.column("slm_hidden")[0]) != hidden:
             raise CiterError(f"{f}: field 'slm_hidden' has {len(first.column('slm_hidden')[0])} values per token, "
                              f"but the SLM {cfg.models.slm} has hidden size {hidden}; these labels were collected "
@@ -227,7 +240,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(d, tag=TAG)
+            try:
+                _, client_state = engine.load_checkpoint(d, tag=TAG)
+            except Exception as e:  # torch's and DeepSpeed's errors for a cut-short or foreign file
+                raise CiterError(f"{checkpoint.path}: damaged training checkpoint ({type(e).__name__}: {e}); delete "
+                                 "that folder to resume from the checkpoint before it") from None
         state = client_state["citer"]
         state["resumed_from"].append(state["epoch"])
         if rank == 0:
@@ -307,6 +324,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             weights = full_state_dict(engine, cfg.deepspeed.zero_stage)
             if rank == 0:
                 save_file(weights, str(Path(tmp) / WEIGHTS))
+            if config.get("fence"):  # this worker writes into the run only while its driver holds the lease
+                config["fence"].check(run_path(config["checkpoints"]))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +364,7 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     done = it_dir / TRAIN_DIR / DONE
     if done.is_file():
         log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
-        return json.loads(done.read_text())
+        return read_train_summary(done)
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
     started = time.perf_counter()
@@ -388,7 +407,8 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "spec": spec_dict(spec),
                            "deepspeed": ds_config,
-                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None},
+                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None,
+                           "fence": fence_for(run), "checkpoints": location_text(it_dir / TRAIN_DIR)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -404,7 +424,9 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
-        raise CiterError(f"router training for iteration {iteration} failed ({type(e).__name__}: {e}); "
+        if (found := user_error(e)) is not None:
+            raise found from None
+        raise CiterError(f"router training for iteration {iteration} failed ({one_line(e)}); "
                          f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
     fit_seconds = time.perf_counter() - t1
     history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
