@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 
 from pipeline import CiterError, __version__
-from pipeline.config import Config, DemoConfig, SmolConfig, load_config
+from pipeline.config import Config, DemoConfig, SmolConfig, field_docs, from_dict, load_config
 from pipeline.raysession import check_storage
 from pipeline.revisions import ALLOW_ENV
 from pipeline.rundir import default_run_dir
@@ -37,13 +39,32 @@ def hold_run(args: argparse.Namespace, run: str | StoragePath, command: str) -> 
     return RunLock(run, force=args.force, command=command, stop_main_thread=True)
 
 
+def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of a flat config dataclass (`--slm-layers` for `slm_layers`), its
+    default and help taken from the dataclass."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if kind not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: {kind} has no command-line form")
+        doc = docs[f.name] or f.name.replace("_", " ")
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                       metavar=f.name.upper(), help=f"{doc} (default: %(default)s)")
+
+
+def world_config(cls: type, args: argparse.Namespace) -> typing.Any:
+    """The config dataclass the command line's options give, checked as a YAML file's would be."""
+    return from_dict(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, source="the command line")
+
+
 def cmd_build_demo(args: argparse.Namespace) -> None:
     from pipeline.worlds.demo import build_demo_world, ensure_demo_world, is_built
 
-    cfg = DemoConfig(out=args.out, seed=args.seed)
-    if is_built(cfg.out) and not args.force:
+    cfg = world_config(DemoConfig, args)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+    world = ensure_demo_world(cfg) if is_built(cfg.out) else None
+    if world is not None and not args.force and {k: world["config"].get(k) for k in settings} == settings:
         log.info("demo world already built at %s (use --force to rebuild)", cfg.out)
-        world = ensure_demo_world(cfg)
     else:
         world = build_demo_world(cfg)
     print(f"demo world: {cfg.out}")
@@ -55,7 +76,7 @@ def cmd_build_demo(args: argparse.Namespace) -> None:
 def cmd_build_smol(args: argparse.Namespace) -> None:
     from pipeline.worlds.smol import build_smol_world, ensure_smol_world, is_built
 
-    cfg = SmolConfig(out=args.out, slm_layers=args.slm_layers, seed=args.seed, data=args.data)
+    cfg = world_config(SmolConfig, args)
     if is_built(cfg) and not args.force:
         log.info("smol world already built at %s (use --force to rebuild)", cfg.out)
         world = ensure_smol_world(cfg)
@@ -182,21 +203,13 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="citer",
-        description="Train and evaluate CITER token-level routers between a small and a large LM.",
-    )
-    parser.add_argument("--version", action="version", version=f"citer {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_world_commands(sub: argparse._SubParsersAction) -> None:
+    """build-demo and build-smol: their options are the fields of DemoConfig and SmolConfig."""
     p = sub.add_parser("build-demo", help="build the demo world (synthetic task + tiny SLM/LLM pair)",
                        description="Build the demo world: a synthetic addition task in GSM8K format and a tiny "
                                    "Llama SLM/LLM pair trained on CPU, saved in the Hugging Face format. "
                                    "Reuses an existing build unless --force.")
-    p.add_argument("--out", default=DemoConfig.out, help="directory to build into (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_config_arguments(p, DemoConfig)
     p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     p.set_defaults(func=cmd_build_demo)
 
@@ -206,17 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its last layer re-fitted to the LLM on GSM8K text, as the SLM; both in the "
                                    "Hugging Face format with one tokenizer. Reuses an existing build with the "
                                    "same settings unless --force.")
-    # Defaults as in pipeline.smol.SmolConfig (not imported here: it pulls in torch).
-    p.add_argument("--out", default=".citer/smol-world", help="directory to build into (default: %(default)s)")
-    p.add_argument("--slm-layers", type=int, default=10,
-                   help="layers the SLM keeps, of the LLM's 30 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--data", default="../shared/data/gsm8k",
-                   help="folder with GSM8K's train.jsonl and test.jsonl for the SLM's re-fit; built-in problems "
-                        "stand in when absent (default: %(default)s)")
+    add_config_arguments(p, SmolConfig)
     p.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     p.set_defaults(func=cmd_build_smol)
 
+
+def add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """eval, collect and fit-router: one stage each."""
     p = sub.add_parser("eval", help="accuracy vs LLM-call ratio on the held-out split: router sweep and baselines",
                        description="Decode the held-out split with the router at each of eval.thresholds and with "
                                    "the baselines (SLM alone, LLM alone, random, confidence and query-level "
@@ -242,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_arguments(p)
     p.set_defaults(func=cmd_fit_router)
 
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """train, status and submit: a whole run, here or on a cluster."""
     p = sub.add_parser("train", help="the whole loop: collect -> train -> evaluate for loop.iterations iterations",
                        description="Run CITER's training loop in a run directory: for each iteration, label "
                                    "tokens (collect), train the router (fit-router) and evaluate it against the "
@@ -264,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Submit `citer train CONFIG` to a Ray cluster with Ray's job submission API: "
                                    "the job gets this directory (without .git, .venv, .citer, runs) and the W&B "
                                    "settings set here, not local paths such as HF_HOME or WANDB_DIR (API keys only "
-                                   "with --forward-secrets). Submitting "
-                                   "the same config again resumes its run "
+                                   "with --forward-secrets). Submitting the same config again resumes its run "
                                    "(the run directory is on the cluster's storage).")
     p.add_argument("config", help="YAML config inside this directory, e.g. jobs/configs/gsm8k-qwen2.yaml")
     p.add_argument("--address", required=True,
@@ -279,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_submit)
 
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained router pair behind OpenAI's API (Ray Serve)",
                        description="Serve the SLM, the LLM and RUN's router on Ray Serve (the embedded local Ray, "
                                    "or RAY_ADDRESS's cluster) with OpenAI's chat and completions API, streaming "
@@ -292,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="citer",
+        description="Train and evaluate CITER token-level routers between a small and a large LM.",
+    )
+    parser.add_argument("--version", action="version", version=f"citer {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_world_commands(sub)
+    add_stage_commands(sub)
+    add_run_commands(sub)
+    add_serve_command(sub)
     return parser
 
 

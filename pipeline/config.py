@@ -7,8 +7,14 @@ it came from (the YAML file or the command line).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,10 +44,10 @@ def _f(default: Any = dataclasses.MISSING, *, choices: tuple | None = None,
 class ModelsConfig:
     """The SLM/LLM pair. Names are hub ids or local directories in the Hugging Face format."""
 
-    slm: str
-    llm: str
-    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
-    device: str = _f("cpu", choices=("cpu", "cuda", "auto"))
+    slm: str  # the small model: a hub id or a local directory
+    llm: str  # the large model: a hub id or a local directory
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # both models' weights and activations
+    device: str = _f("cpu", choices=("cpu", "cuda", "auto"))  # auto: cuda when a GPU is visible
     trust_remote_code: bool = False  # only ever on when the user asks for it
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
     # Extra tokens that end a generation, besides the tokenizer's eos and the generation config's
@@ -64,10 +70,10 @@ class TaskConfig:
     or local dataset folder) read with `subset` and the split names.
     """
 
-    format: str = _f("gsm8k", choices=("gsm8k", "math", "mcq"))
-    train_path: str
-    eval_path: str
-    subset: str | None = None
+    format: str = _f("gsm8k", choices=("gsm8k", "math", "mcq"))  # how answers are extracted and compared
+    train_path: str  # the examples tokens are labelled on
+    eval_path: str  # the held-out examples evaluation decodes
+    subset: str | None = None  # a `datasets` configuration name
     train_split: str = "train"
     eval_split: str = "test"
     fields: dict[str, str] = _f(factory=dict)  # canonical field -> column name in the data
@@ -80,14 +86,14 @@ class TaskConfig:
 class DemoConfig:
     """The demo world: a synthetic addition task and a tiny Llama SLM/LLM pair built locally."""
 
-    out: str = ".citer/demo-world"
-    seed: int = 0
-    digits: int = _f(3, range=(1, 6))
-    n_train: int = _f(2000, range=(1, None))
-    n_eval: int = _f(500, range=(1, None))
-    slm_steps: int = _f(900, range=(0, None))  # at most; training stops early at the target accuracy
-    llm_steps: int = _f(600, range=(0, None))
-    batch_size: int = _f(64, range=(1, None))
+    out: str = ".citer/demo-world"  # directory to build into
+    seed: int = 0  # seed of the problems and of both models' initialisation and training
+    digits: int = _f(3, range=(1, 6))  # digits of the numbers the problems add
+    n_train: int = _f(2000, range=(1, None))  # training problems (the pair's and the router's)
+    n_eval: int = _f(500, range=(1, None))  # held-out problems
+    slm_steps: int = _f(900, range=(0, None))  # SLM training steps at most; it stops early at its target accuracy
+    llm_steps: int = _f(600, range=(0, None))  # LLM training steps
+    batch_size: int = _f(64, range=(1, None))  # problems per training step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,12 +102,13 @@ class SmolConfig:
     `slm_layers` layers as the SLM. `data` is a folder with GSM8K's train.jsonl/test.jsonl (relative
     to the working directory); without it a few built-in problems stand in."""
 
-    out: str = ".citer/smol-world"
-    slm_layers: int = _f(10, range=(1, 29))  # of the LLM's 30
-    seed: int = 0
+    out: str = ".citer/smol-world"  # directory to build into
+    slm_layers: int = _f(10, range=(1, 29))  # layers the SLM keeps, of the LLM's 30
+    seed: int = 0  # seed of the choice of re-fit problems
     # GSM8K training problems the SLM's last layer is re-fitted on (0: a plain cut)
     fit_examples: int = _f(24, range=(0, None))
     eval_examples: int = _f(8, range=(1, None))  # held-out GSM8K test problems for the SLM/LLM top-1 agreement figure
+    # folder with GSM8K's train.jsonl and test.jsonl; built-in problems stand in when it is absent
     data: str = "../shared/data/gsm8k"
 
 
@@ -140,11 +147,11 @@ class EvalConfig:
     SLM drafts, the LLM checks every token: the LLM's accuracy, for its wall-clock and passes).
     """
 
-    n_examples: int = _f(500, range=(1, None))
+    n_examples: int = _f(500, range=(1, None))  # held-out examples decoded (the first ones)
     # Examples an evaluation actor decodes in one task; a multiple of batch_size leaves no short batch.
     shard_size: int = _f(128, range=(1, None))
-    batch_size: int = _f(64, range=(1, None))
-    max_new_tokens: int = _f(128, range=(1, None))
+    batch_size: int = _f(64, range=(1, None))  # rows decoded together
+    max_new_tokens: int = _f(128, range=(1, None))  # generation limit per example
     methods: list[str] = _f(item_choices=EVAL_METHODS, factory=lambda: list(EVAL_METHODS[:-1]))
     thresholds: list[float] = _f(unit_items=True, factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     random_ratios: list[float] = _f(unit_items=True, factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7])
@@ -211,13 +218,13 @@ class CollectConfig:
     # the SLM's token under the current policy and score it) or `llm` (the paper's myopic ablation:
     # "prefer the LLM", no rollout).
     case3_labels: str = _f("rollout", choices=("rollout", "llm"))
-    max_rollouts_per_example: int = _f(32, range=(0, None))
-    max_new_tokens: int = _f(128, range=(1, None))
+    max_rollouts_per_example: int = _f(32, range=(0, None))  # case-3 tokens rolled out per example; the rest dropped
+    max_new_tokens: int = _f(128, range=(1, None))  # a rollout's generation limit
     batch_size: int = _f(16, range=(1, None))  # examples per forward / rollouts per decode batch
     shard_size: int = _f(64, range=(1, None))  # examples per Parquet shard (one actor call)
-    num_actors: int = _f(1, range=(1, None))
+    num_actors: int = _f(1, range=(1, None))  # Ray Data actors, each holding both models
     num_cpus_per_actor: float = _f(1.0, range=(0.0, None))
-    num_gpus_per_actor: float = _f(0.0, range=(0.0, None))
+    num_gpus_per_actor: float = _f(0.0, range=(0.0, None))  # with models.llm_device_map, the GPUs the LLM spreads over
     n_examples: int | None = None  # cap on training examples; None = all
     # Shortcut audit: this share of case-1 and case-2 tokens (a seeded sample) is also labelled by
     # rollouts, from the SLM's token and from the LLM's, under the iteration's policy.
@@ -253,18 +260,18 @@ class DeepSpeedConfig:
 class TrainConfig:
     """The router-training stage (Ray Train + DeepSpeed)."""
 
-    num_workers: int = _f(2, range=(1, None))
+    num_workers: int = _f(2, range=(1, None))  # Ray Train workers (data-parallel DeepSpeed ranks)
     cpus_per_worker: float = _f(1.0, range=(0.0, None))
     gpus_per_worker: float = _f(0.0, range=(0.0, None))
     batch_size_per_worker: int = _f(256, range=(1, None))
-    epochs: int = _f(10, range=(1, None))
+    epochs: int = _f(10, range=(1, None))  # at most; training stops after `patience` epochs without a better val loss
     lr: float = _f(1e-3, range=(0.0, None))
     weight_decay: float = _f(0.01, range=(0.0, None))
     patience: int = _f(3, range=(1, None))
     val_fraction: float = _f(0.1, range=(0.0, 1.0))
     class_weight: float | None = None  # weight of the minority class in the BCE; None = 1
-    warm_start: bool = False
-    max_failures: int = _f(2, range=(0, None))
+    warm_start: bool = False  # start from the previous iteration's router
+    max_failures: int = _f(2, range=(0, None))  # worker failures Ray Train recovers from (from the last checkpoint)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,8 +296,8 @@ class TrackingConfig:
 class Config:
     """A whole citer job."""
 
-    name: str = "citer-run"
-    seed: int = 0
+    name: str = "citer-run"  # the run's name: its directory under `storage`, its W&B run name
+    seed: int = 0  # seed of data splits, sampling and router initialisation
     storage: str = "runs"  # parent of run dirs: a local path, or s3://, gs://, any pyarrow URI; run = STORAGE/NAME
     models: ModelsConfig
     task: TaskConfig
@@ -307,6 +314,27 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in `cls`'s source: the comment lines right above it, then the one at
+    the end of its line. The CLI's help and docs/configuration.md are made from these."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[: tok.start[1]].strip())
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line in comments and comments[line][1]:
+                above.insert(0, comments[line][0])
+                line -= 1
+            trailing = [comments[n][0] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            docs[node.target.id] = " ".join(above + trailing)
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------

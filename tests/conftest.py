@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def in_repository_root() -> Iterator[None]:
+    """Every test runs in the repository root (the configs' paths are relative to it), wherever
+    pytest was started, and the starting directory is restored at the end."""
+    old = Path.cwd()
+    os.chdir(ROOT)
+    yield
+    os.chdir(old)
+
+
+@pytest.fixture(autouse=True)
+def working_directory_kept() -> Iterator[None]:
+    """A test that leaves the working directory changed fails, naming where it left it."""
+    yield
+    assert Path.cwd() == ROOT, f"the test left the working directory at {Path.cwd()}, not {ROOT}"
+
+
 @pytest.fixture(scope="session")
 def demo_world() -> Path:
     """The demo world directory, built if absent (through the library, as `citer` would)."""
@@ -28,12 +46,7 @@ def demo_world() -> Path:
     from pipeline.worlds.demo import ensure_demo_world
 
     cfg = load_config(DEMO_CONFIG)
-    old = Path.cwd()
-    os.chdir(ROOT)  # demo.yaml's paths are relative to the repository root
-    try:
-        ensure_demo_world(cfg.demo)
-    finally:
-        os.chdir(old)
+    ensure_demo_world(cfg.demo)
     return ROOT / cfg.demo.out
 
 
@@ -159,15 +172,10 @@ def smol_world() -> Path:
     from pipeline.worlds.smol import ensure_smol_world, is_built, require_extra
 
     cfg = SmolConfig()
-    old = Path.cwd()
-    os.chdir(ROOT)  # SmolConfig's paths are relative to the repository root
-    try:
-        if not is_built(cfg):
-            try:
-                require_extra()
-            except CiterError as e:
-                pytest.skip(str(e))
-        ensure_smol_world(cfg)
-    finally:
-        os.chdir(old)
+    if not is_built(cfg):
+        try:
+            require_extra()
+        except CiterError as e:
+            pytest.skip(str(e))
+    ensure_smol_world(cfg)
     return ROOT / cfg.out

@@ -8,7 +8,6 @@ the LLM was needed. The audit must find exactly that, and agree with rollouts co
 independently by the cache-free reference decoder."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -20,14 +19,13 @@ from pipeline.labelling import LLM_NEEDED, SLM_ENOUGH, audit_positions, label_ex
 from pipeline.models import load_pair
 from pipeline.shards import labels_table
 from pipeline.tasks import extract_answer, load_examples
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.conftest import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")
 def crafted(demo_world):
     """Three training examples whose reference takes the SLM's wrong digit at its first case-2
     position; (pair, examples, {example id: that position})."""
-    os.chdir(ROOT)
     cfg = load_config(DEMO_CONFIG)
     pair = load_pair(cfg.models)
     tok = pair.tokenizer

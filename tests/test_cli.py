@@ -1,21 +1,45 @@
 """The `citer` command line: help everywhere, clear one-paragraph errors with non-zero exits."""
 
+import argparse
 import json
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, run_citer
+from tests.conftest import DEMO_CONFIG, run_citer
 
-SUBCOMMANDS = ["build-demo", "eval", "collect", "fit-router", "train", "status"]
+SUBCOMMANDS = ["build-demo", "build-smol", "eval", "collect", "fit-router", "train", "status", "submit", "serve"]
 
 
 def test_help_for_citer_and_every_subcommand():
+    """Every subcommand the parser has is one the README's users know, and each answers --help."""
+    from pipeline.cli import build_parser
+
+    choices = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(choices) == sorted(SUBCOMMANDS)
     proc = run_citer("--help")
     assert proc.returncode == 0 and "usage: citer" in proc.stdout
     for name in SUBCOMMANDS:
         assert name in proc.stdout
         sub = run_citer(name, "--help")
         assert sub.returncode == 0 and f"usage: citer {name}" in sub.stdout
+
+
+def test_world_builders_options_are_their_configs_fields_with_the_same_defaults():
+    """build-demo and build-smol offer one option per DemoConfig / SmolConfig field, defaulting to
+    the dataclass's value, and a value outside a field's range is refused by the config's check."""
+    import dataclasses
+
+    from pipeline.cli import parse_args
+    from pipeline.config import DemoConfig, SmolConfig
+
+    for command, cls in (("build-demo", DemoConfig), ("build-smol", SmolConfig)):
+        args, help_text = parse_args([command]), run_citer(command, "--help").stdout
+        for f in dataclasses.fields(cls):
+            assert getattr(args, f.name) == f.default, (command, f.name)
+            assert f"--{f.name.replace('_', '-')}" in help_text
+    assert parse_args(["build-smol", "--slm-layers", "8"]).slm_layers == 8
+    proc = run_citer("build-smol", "--slm-layers", "30", "--out", "/nonexistent/never-built")
+    assert proc.returncode == 2 and "slm_layers" in proc.stderr and "the command line" in proc.stderr
 
 
 def test_missing_config_file():
@@ -53,12 +77,10 @@ def one_error_line(proc) -> str:
 @pytest.fixture
 def recorded_run(tmp_path, demo_world):
     """A run directory as a first start leaves it: run.json with the demo config."""
-    import os
 
     from pipeline.config import load_config
     from pipeline.rundir import check_run_config
 
-    os.chdir(ROOT)
     run = tmp_path / "run"
     check_run_config(load_config(DEMO_CONFIG), run)
     return run

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -28,14 +27,13 @@ from pipeline.rundir import DONE, collect_dir, iteration_dir
 from pipeline.shards import read_labels, shard_schema
 from pipeline.stages.collect import run_collect
 from pipeline.tasks import load_examples
-from tests.conftest import DEMO_CONFIG, ROOT, digest
+from tests.conftest import DEMO_CONFIG, digest
 
 # With the SLM standing in for the LLM, every SLM error is case 3: rollouts get real work.
 ROLLOUT_HEAVY = ["models.llm=.citer/demo-world/slm"]
 
 
 def config(*overrides: str):
-    os.chdir(ROOT)
     return load_config(DEMO_CONFIG, ["collect.n_examples=32", "collect.shard_size=8", "collect.batch_size=16",
                                      *overrides])
 

@@ -3,7 +3,6 @@ many of them under the first router, iteration 2 settles, and the rollout-labell
 fewer LLM calls than the myopic one. The bounds of the issue, on a small configuration."""
 
 import json
-import os
 
 import pytest
 
@@ -13,7 +12,7 @@ from pipeline.stages.evidence import compare_runs
 from pipeline.stages.loop import run_loop
 from pipeline.status import run_status
 from pipeline.tracking import read_metrics_records
-from tests.conftest import DEMO_CONFIG, ROOT
+from tests.conftest import DEMO_CONFIG
 
 SMALL = ["collect.n_examples=400", "collect.shard_size=100", "collect.num_actors=2", "train.epochs=5",
          "train.patience=10", "eval.n_examples=120", "eval.shard_size=60",
@@ -25,7 +24,6 @@ SMALL = ["collect.n_examples=400", "collect.shard_size=100", "collect.num_actors
 @pytest.fixture(scope="module")
 def runs(local_ray, demo_world, tmp_path_factory):
     """Three rollout-labelled iterations, and one myopic iteration, of the small configuration."""
-    os.chdir(ROOT)
     base = tmp_path_factory.mktemp("iterations")
     run_loop(load_config(DEMO_CONFIG, SMALL), base / "rollout")
     run_loop(load_config(DEMO_CONFIG, [*SMALL, "collect.case3_labels=llm", "loop.iterations=1",

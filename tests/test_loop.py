@@ -65,7 +65,6 @@ def test_driver_killed_in_each_stage_resumes_into_s3_with_the_same_labels_and_on
                                                                                              tmp_path, monkeypatch):
     """`citer train` into `s3://` (a real S3-compatible server on 127.0.0.1), SIGKILLed while
     collecting, while training and while evaluating, then run to the end."""
-    os.chdir(ROOT)
     monkeypatch.setenv("CITER_CACHE", str(tmp_path / "cache"))  # where the starts keep their W&B files
     reference = tmp_path / "uninterrupted"
     run_collect(load_config(DEMO_CONFIG, SMALL), reference, 0)
@@ -142,7 +141,6 @@ def test_driver_killed_in_each_stage_resumes_into_s3_with_the_same_labels_and_on
 
 
 def test_config_changes_that_invalidate_work_are_refused_others_allowed(tmp_path, demo_world):
-    os.chdir(ROOT)
     cfg = load_config(DEMO_CONFIG, SMALL)
     run = tmp_path / "run"
     check_run_config(cfg, run)
@@ -247,7 +245,6 @@ def test_a_run_left_open_in_a_shared_wandb_service_is_a_clear_error(tmp_path):
 def test_worker_count_changes_only_where_sharded_checkpoints_allow(tmp_path, demo_world, zero_stage, finished, refused):
     """ZeRO >= 1 splits a train stage's checkpoints by world size: a new worker count is refused while
     such a stage is unfinished, and allowed once it is done or without ZeRO sharding."""
-    os.chdir(ROOT)
     run = tmp_path / "run"
     check_run_config(load_config(DEMO_CONFIG, [*SMALL, f"deepspeed.zero_stage={zero_stage}"]), run)
     train = iteration_dir(run, 0) / "train"

@@ -2,7 +2,6 @@
 several end ids, a padded embedding. citer's decoder and labels against transformers' own."""
 
 import json
-import os
 import random
 
 import pytest
@@ -153,7 +152,6 @@ def test_a_mistyped_model_path_is_named_as_such(tmp_path):
 
 
 def test_citer_train_one_iteration_on_real_gsm8k(smol_world, tmp_path):
-    os.chdir(ROOT)
     run = tmp_path / "run"
     overrides = ["collect.n_examples=10", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",
                  "eval.n_examples=4", "eval.max_new_tokens=32", "eval.methods=[slm,llm,router]",

@@ -296,7 +296,6 @@ def test_status_shows_the_holder_without_judging_it_by_the_clock(tmp_path, demo_
     from pipeline.rundir import check_run_config
     from pipeline.status import run_status
 
-    os.chdir(ROOT)
     run = tmp_path / "run"
     check_run_config(load_config(DEMO_CONFIG), run)
     with RunLock(run, command="citer train"):

@@ -132,7 +132,6 @@ def test_the_serve_config_file_names_a_builder_that_builds_the_app(run):
     module, _, name = app.import_path.partition(":")
     assert getattr(__import__(module, fromlist=[name]), name) is build_app
     assert (ROOT / app.args["config"]).is_file() and app.args["run"] == "runs/demo"
-    os.chdir(ROOT)  # the file's paths are relative to the repository, where `serve run` starts
     built = build_app({**app.args, "run": str(run), "overrides": "serve.max_batch=4"})
     assert isinstance(built, Application)
     with pytest.raises(CiterError, match="build_app takes"):

@@ -120,7 +120,6 @@ def test_saved_llm_matches_the_gguf_model(smol_world):
 
 
 def test_cached_build_is_reused_and_settings_or_builder_changes_are_not(smol_world, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
     stamp = (smol_world / "world.json").stat().st_mtime_ns
     monkeypatch.setattr(smol, "build_smol_world", lambda cfg: pytest.fail(f"rebuilt {cfg}"))
     assert smol.ensure_smol_world(SmolConfig()) == json.loads((smol_world / "world.json").read_text())

@@ -66,7 +66,6 @@ def test_paths_of_this_machine_are_not_forwarded_and_the_runtime_env_files_win(m
 def test_the_driver_of_a_gpu_config_reserves_no_gpu(fake_client, monkeypatch):
     """Evaluation runs on actors, so the job's driver loads no model: it may run on a CPU-only head."""
     monkeypatch.setenv("HF_HOME", "/Users/me/.cache/huggingface")
-    monkeypatch.chdir(ROOT)
     assert submit("jobs/configs/gsm8k-qwen2.yaml", ["collect.num_gpus_per_actor=2"], "http://127.0.0.1:1",
                   follow=False, runtime_env_file="cluster/runtime-env.yaml") == 0
     assert submit(str(DEMO_CONFIG.relative_to(ROOT)), ["storage=/mnt/shared/citer-runs"], "http://127.0.0.1:1",
@@ -78,7 +77,6 @@ def test_the_driver_of_a_gpu_config_reserves_no_gpu(fake_client, monkeypatch):
 
 
 def test_a_run_that_a_job_could_not_resume_or_whose_uri_shows_credentials_is_refused(fake_client, monkeypatch):
-    monkeypatch.chdir(ROOT)
     demo = str(DEMO_CONFIG.relative_to(ROOT))
     for overrides, run, message in (
             ([], None, "storage 'runs/demo' is relative: the job would write the run into its temporary copy"),
@@ -93,7 +91,6 @@ def test_a_run_that_a_job_could_not_resume_or_whose_uri_shows_credentials_is_ref
 
 
 def test_two_submissions_in_one_second_get_distinct_ids(fake_client, monkeypatch):
-    monkeypatch.chdir(ROOT)
     for _ in range(2):
         submit(str(DEMO_CONFIG.relative_to(ROOT)), ["storage=s3://bucket/runs"], "http://127.0.0.1:1", follow=False)
     first, second = (job["submission_id"] for job in fake_client)

@@ -3,21 +3,19 @@ driver's machine, are copied into the run, where they outlive that machine; a st
 credentials reach neither run.json, nor W&B, nor `citer status`, nor the log."""
 
 import logging
-import os
 
 from pipeline.config import load_config
 from pipeline.rundir import check_run_config
 from pipeline.status import run_status
 from pipeline.storage import local_dir, run_path
 from pipeline.tracking import Tracker
-from tests.conftest import BUCKET, DEMO_CONFIG, ROOT
+from tests.conftest import BUCKET, DEMO_CONFIG
 
 SECRET = "uri-secret-0123456789abcdef"  # SeaweedFS without identities accepts any key
 
 
 def test_wandb_files_are_copied_into_an_object_store_run_and_uri_credentials_are_never_kept(
         s3, demo_world, tmp_path, monkeypatch, caplog):
-    os.chdir(ROOT)
     monkeypatch.setenv("CITER_CACHE", str(tmp_path / "cache"))
     endpoint = s3["AWS_ENDPOINT_URL"]
     storage = f"s3://URIKEY:{SECRET}@{BUCKET}/tracked?endpoint_override={endpoint}"

@@ -37,7 +37,6 @@ TRAIN = ["train.batch_size_per_worker=128", "train.epochs=6", "train.patience=10
 
 
 def config(*overrides: str):
-    os.chdir(ROOT)
     return load_config(DEMO_CONFIG, [*LABELS, *overrides])
 
 
