@@ -174,34 +174,90 @@ def check_storage(run: StoragePath) -> None:
             "node, such as NFS or EFS, named in CITER_SHARED_STORAGE)")
 
 
+class Tally:
+    """A count that actors add to while they work and the driver reads: progress finer than one
+    item (evaluate's actors count each example decoded, not each shard done)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def read(self) -> int:
+        return self.count
+
+
+@contextmanager
+def tallied(bar: Progress, period: float = 2.0) -> Iterator[Any]:
+    """A Tally actor whose count a thread of this process copies into `bar` every `period`
+    seconds, and once more at the end; the actor is gone afterwards."""
+    import threading
+
+    import ray
+
+    tally = ray.remote(num_cpus=0)(Tally).remote()
+    stop = threading.Event()
+
+    def copy_count() -> None:
+        while True:
+            stopped = stop.wait(period)
+            try:
+                bar.update(ray.get(tally.read.remote(), timeout=30) - bar.done)
+            except Exception:  # progress is never worth failing a stage for
+                pass
+            if stopped:
+                return
+
+    thread = threading.Thread(target=copy_count, name="citer-progress", daemon=True)
+    thread.start()
+    try:
+        yield tally
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        ray.kill(tally)
+
+
 def shards_on_actors(actor: type, items: list[dict[str, Any]], constructor: dict[str, Any], cfg: Config,
-                     desc: str) -> Iterator[dict[str, Any]]:
+                     desc: str, sizes: list[int] | None = None, unit: str = "shard") -> Iterator[dict[str, Any]]:
     """Run `actor` (a Ray Data callable class) over `items`, one item a task, on a pool of
-    `collect.num_actors` actors with the collect stage's CPUs and GPUs each, showing progress per
-    item; yield each item's output row as it completes. Used by collect and evaluate. The actors
-    get the leases this process holds (`runlock.fence_env`), so their writes into a run are
-    fenced like the driver's; a CiterError an actor raises comes out as itself."""
+    `collect.num_actors` actors with the collect stage's CPUs and GPUs each; yield each item's
+    output row as it completes. Used by collect and evaluate. Progress counts items, or, with
+    `sizes` (each item's work in `unit`s), what the actors report to the `tally` they get as a
+    constructor argument. The actors get the leases this process holds (`runlock.fence_env`), so
+    their writes into a run are fenced like the driver's; a CiterError an actor raises comes out
+    as itself."""
     import ray.data
 
     ensure_ray()
     fences = fence_env()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        actor,
-        fn_constructor_kwargs={**constructor, "threads": max(1, int(cfg.collect.num_cpus_per_actor))},
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(items))),
-        batch_size=1,
-        num_cpus=cfg.collect.num_cpus_per_actor,
-        num_gpus=cfg.collect.num_gpus_per_actor,
-        # Ray Data restarts a dead actor unless told not to, and Ray logs an error line for that
-        # setting at each start. On an embedded Ray an actor dies only of its machine's trouble
-        # (memory), which a restart meets again; a rerun resumes from the finished shards.
-        **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
-        **({"runtime_env": {"env_vars": fences}} if fences else {}),
-    )
-    with Progress(len(items), desc, unit="shard") as bar, raised_as_user_errors(desc):
+    total = sum(sizes) if sizes is not None else len(items)
+    with Progress(total, desc, unit=unit) as bar, raised_as_user_errors(desc), \
+            (tallied(bar) if sizes is not None else _nothing()) as tally:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            actor,
+            fn_constructor_kwargs={**constructor, "threads": max(1, int(cfg.collect.num_cpus_per_actor)),
+                                   **({"tally": tally} if tally is not None else {})},
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.collect.num_actors, len(items))),
+            batch_size=1,
+            num_cpus=cfg.collect.num_cpus_per_actor,
+            num_gpus=cfg.collect.num_gpus_per_actor,
+            # Ray Data restarts a dead actor unless told not to, and Ray logs an error line for that
+            # setting at each start. On an embedded Ray an actor dies only of its machine's trouble
+            # (memory), which a restart meets again; a rerun resumes from the finished shards.
+            **({} if os.environ.get("RAY_ADDRESS") else {"max_restarts": 0}),
+            **({"runtime_env": {"env_vars": fences}} if fences else {}),
+        )
         for row in ds.iter_rows():
-            bar.update()
+            if tally is None:
+                bar.update()
             yield row
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def user_error(error: BaseException, what: str = "") -> CiterError | None:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -96,10 +97,11 @@ def planned_runs(cfg: Config, with_router: bool, baselines: dict[str, Any] | Non
 
 
 def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example], cfg: Config, runs: list[list],
-                first_row: int = 0) -> dict[str, dict[str, Any]]:
+                first_row: int = 0, on_decoded: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
     """Decode `examples` once per planned run and score them: per run, each row's tokens, who wrote
     them (and, for the SLM alone, its confidence), whether it was right, what the models did and
-    the seconds it took. `first_row` is the examples' place in the whole held-out set."""
+    the seconds it took. `first_row` is the examples' place in the whole held-out set;
+    `on_decoded(n)` hears of each run's examples as they are decoded."""
     prompts = encode_prompts(pair.tokenizer, [ex.prompt for ex in examples], cfg.models.chat_template,
                              cfg.task.system_prompt)
     policies = {"slm": lambda t: SLMOnly(), "llm": lambda t: LLMOnly(), "router": lambda t: RouterPolicy(router, t),
@@ -113,6 +115,8 @@ def decode_runs(pair: ModelPair, router: Router | None, examples: list[Example],
                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, desc=label,
                       **settings(cfg.decode))
         gens = done.generations
+        if on_decoded is not None:
+            on_decoded(len(gens))
         out[f"{i}:{label}"] = {
             "method": method, "threshold": threshold, "seconds": time.perf_counter() - t0,
             "prompt_tokens": [len(p) for p in prompts],
@@ -228,7 +232,7 @@ class EvalDecoder:
     the held-out set under every planned run and writes each shard's part file."""
 
     def __init__(self, config: dict, router: str | None, parts: str, runs: list[list], signature: str,
-                 threads: int = 1):
+                 threads: int = 1, tally: Any = None):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -237,6 +241,7 @@ class EvalDecoder:
         self.router = load_router(router, expected_input_size=self.pair.hidden_size,
                                   device=self.pair.device).router if router else None
         self.parts, self.runs, self.signature = run_path(parts), runs, signature
+        self.tally = tally  # the driver's progress: examples decoded (raysession.Tally)
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -254,7 +259,8 @@ class EvalDecoder:
         out: dict[str, list] = {"shard": []}
         for shard, first_row, payload in zip(batch["shard"], batch["first_row"], batch["examples"], strict=True):
             examples = [Example(**e) for e in json.loads(payload)]
-            runs = decode_runs(self.pair, self.router, examples, self.cfg, self.runs, int(first_row))
+            runs = decode_runs(self.pair, self.router, examples, self.cfg, self.runs, int(first_row),
+                               on_decoded=None if self.tally is None else self.tally.add.remote)
             atomic_write_json(part_path(self.parts, int(shard)), {"signature": self.signature, "runs": runs})
             out["shard"].append(int(shard))
         return out
@@ -320,7 +326,9 @@ def decode_on_actors(cfg: Config, examples: list[Example], runs: list[list], par
                  for k in todo]
         constructor = {"config": cfg.to_dict(), "router": location_text(run_path(router_dir)) if router_dir else None,
                        "parts": location_text(parts), "runs": runs, "signature": signature}
-        for row in shards_on_actors(EvalDecoder, items, constructor, cfg, "evaluate"):
+        sizes = [len(shards[k]) * len(runs) for k in todo]
+        for row in shards_on_actors(EvalDecoder, items, constructor, cfg, "evaluate", sizes=sizes,
+                                    unit="example decodes"):
             decoded[int(row["shard"])] = read_part(parts, int(row["shard"]), signature)
     if any(d is None for d in decoded.values()):
         raise CiterError(f"{parts}: a shard's decodes are missing after the evaluation ran; run it again")

@@ -212,29 +212,20 @@ def quiet_train_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DeepSpeed engine, epochs, validation, checkpoint + report per epoch."""
+def start_engine(config: dict[str, Any], cfg: Config, rank: int) -> tuple[Any, dict[str, Any]]:
+    """The worker's DeepSpeed engine around a fresh (or warm-started) router, and the training
+    state: a new one, or the last checkpoint's when Ray Train restarts or resumes the stage."""
     import deepspeed
     import ray.train
-    import torch
-    import torch.distributed as dist
-    from safetensors.torch import save_file
 
-    from pipeline.router import WEIGHTS, Router, read_weights, spec_from_dict
+    from pipeline.router import Router, read_weights, spec_from_dict
 
-    cfg = from_dict(Config, config["cfg"], source="train stage config")
-    tc = cfg.train
-    quiet_train_worker_logs()
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    rank = ray.train.get_context().get_world_rank()
     router = Router(spec_from_dict(config["spec"]))
     if config.get("warm_start"):
         router.load_state_dict(read_weights(config["warm_start"], "warm-start router"))
     engine, *_ = deepspeed.initialize(model=router, model_parameters=router.parameters(),
                                       config=config["deepspeed"], dist_init_required=False)
     use_safe_checkpoint_engine(engine)
-    dtype = next(engine.module.parameters()).dtype
     state: dict[str, Any] = {"epoch": 0, "best_epoch": None, "best_val_loss": math.inf, "bad_epochs": 0,
                              "stopped": False, "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
@@ -249,86 +240,157 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["resumed_from"].append(state["epoch"])
         if rank == 0:
             print(f"[citer] resuming router training after epoch {state['epoch']}", flush=True)
-    weight0 = tc.class_weight or 1.0  # weight of label 0 ("prefer LLM")
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    return engine, state
 
-    def loss_terms(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = engine(x.to(engine.device, dtype)).float()
-        w = torch.where(y > 0.5, 1.0, weight0)
+
+class LossTerms:
+    """The weighted BCE of a batch (sum over rows) and its logits; label 0 is "prefer the LLM",
+    weighted by train.class_weight."""
+
+    def __init__(self, engine, class_weight: float | None) -> None:
+        self.engine = engine
+        self.dtype = next(engine.module.parameters()).dtype
+        self.weight0 = class_weight or 1.0
+
+    def __call__(self, x, y):
+        import torch
+
+        logits = self.engine(x.to(self.engine.device, self.dtype)).float()
+        w = torch.where(y > 0.5, 1.0, self.weight0)
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="sum"), logits
 
+
+def train_epoch(engine, loss_terms: LossTerms, shard, tc, seed: int, epoch: int) -> tuple[list[float], float, float]:
+    """One pass over this worker's training shard: [loss sum, rows], its seconds and the seconds
+    spent waiting for data."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    engine.train()
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, rows
+    data_seconds, t_wait = 0.0, time.perf_counter()
+    for batch in shard.iter_torch_batches(batch_size=tc.batch_size_per_worker, drop_last=True,
+                                          local_shuffle_buffer_size=4 * tc.batch_size_per_worker,
+                                          local_shuffle_seed=seed * 10_000 + epoch):
+        data_seconds += time.perf_counter() - t_wait
+        y = batch["y"].to(engine.device)
+        loss_sum, _ = loss_terms(batch["x"], y)
+        engine.backward(loss_sum / len(y))
+        engine.step()
+        sums += torch.tensor([loss_sum.item(), len(y)], dtype=torch.float64)
+        t_wait = time.perf_counter()
+    train_seconds = time.perf_counter() - t0
+    sums = sums.to(engine.device)
+    dist.all_reduce(sums)
+    return sums.tolist(), train_seconds, data_seconds
+
+
+def validate(engine, loss_terms: LossTerms, shard) -> list[float]:
+    """[loss sum, rows, correct, tp, fp, fn] ("prefer LLM" is the positive class) over the whole
+    validation split, which every rank validates, with rank 0's BatchNorm statistics (the ones it exports)."""
+    import torch
+    import torch.distributed as dist
+
+    for buffer in engine.module.buffers():
+        dist.broadcast(buffer, src=0)
+    engine.eval()
+    val = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=4096):
+            y = batch["y"].to(engine.device)
+            loss_sum, logits = loss_terms(batch["x"], y)
+            llm_pred, llm_true = logits < 0, y < 0.5
+            val += torch.tensor([loss_sum.item(), len(y), (llm_pred == llm_true).sum().item(),
+                                 (llm_pred & llm_true).sum().item(), (llm_pred & ~llm_true).sum().item(),
+                                 (~llm_pred & llm_true).sum().item()], dtype=torch.float64)
+    return val.tolist()
+
+
+def epoch_metrics(epoch: int, train: list[float], val: list[float], train_seconds: float, data_seconds: float,
+                  started: tuple[float, float]) -> dict[str, Any]:
+    """What an epoch reports to Ray Train (and the run's metrics), from the summed counts."""
+    loss, rows = train
+    vloss, vrows, correct, tp, fp, fn = val
+    return {
+        "epoch": epoch,
+        "train_loss": loss / max(rows, 1),
+        "val_loss": vloss / max(vrows, 1),
+        "val_accuracy": correct / max(vrows, 1),
+        "val_precision_llm": tp / (tp + fp) if tp + fp else 0.0,
+        "val_recall_llm": tp / (tp + fn) if tp + fn else 0.0,
+        "val_majority_rate": max(tp + fn, vrows - tp - fn) / max(vrows, 1),
+        "train_rows": int(rows),
+        "train_rows_per_s": rows / train_seconds if train_seconds > 0 else None,
+        "train_data_wait_share": data_seconds / train_seconds if train_seconds > 0 else None,  # rank 0
+        "epoch_seconds": time.perf_counter() - started[1],
+        "started_at": started[0],
+    }
+
+
+def early_stopping(state: dict[str, Any], metrics: dict[str, Any], patience: int) -> None:
+    """Record the epoch in the training state (best epoch, epochs without improvement, whether to
+    stop) and the state's view in the epoch's metrics."""
+    if metrics["val_loss"] < state["best_val_loss"] - 1e-7:
+        state.update(best_val_loss=metrics["val_loss"], best_epoch=metrics["epoch"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"], state["stopped"] = metrics["epoch"], state["bad_epochs"] >= patience
+    metrics.update(best_epoch=state["best_epoch"], stopped_early=state["stopped"],
+                   resumed_from=list(state["resumed_from"]))
+
+
+def report_epoch(engine, state: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any], cfg: Config,
+                 rank: int) -> None:
+    """Print the epoch (rank 0), then checkpoint it (DeepSpeed's files and the router's whole
+    weights) and report both to Ray Train."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    from pipeline.router import WEIGHTS
+
+    if rank == 0:
+        print(f"[citer] epoch {metrics['epoch']}/{cfg.train.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
+              f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.2%} (majority "
+              f"{metrics['val_majority_rate']:.2%}), prefer-LLM precision {metrics['val_precision_llm']:.2f} "
+              f"recall {metrics['val_recall_llm']:.2f}, {metrics['train_rows_per_s'] or 0:,.0f} rows/s"
+              + (" - stopping early" if state["stopped"] else ""), flush=True)
+    tmp = tempfile.mkdtemp(prefix="citer-ckpt-")
+    try:
+        engine.save_checkpoint(tmp, tag=TAG, client_state={"citer": state})
+        weights = full_state_dict(engine, cfg.deepspeed.zero_stage)
+        if rank == 0:
+            save_file(weights, str(Path(tmp) / WEIGHTS))
+        if config.get("fence"):  # this worker writes into the run only while its driver holds the lease
+            config["fence"].check(run_path(config["checkpoints"]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed engine, epochs, validation, checkpoint + report per epoch."""
+    import ray.train
+    import torch
+
+    cfg = from_dict(Config, config["cfg"], source="train stage config")
+    tc = cfg.train
+    quiet_train_worker_logs()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    rank = ray.train.get_context().get_world_rank()
+    engine, state = start_engine(config, cfg, rank)
+    loss_terms = LossTerms(engine, tc.class_weight)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     while state["epoch"] < tc.epochs and not state["stopped"]:
         epoch = state["epoch"] + 1
         torch.manual_seed(cfg.seed * 10_000 + epoch * 100 + rank)  # dropout: a resumed epoch draws what it would have
-        started_at, t0 = time.time(), time.perf_counter()
-        engine.train()
-        sums = torch.zeros(2, dtype=torch.float64)  # loss, rows
-        data_seconds, t_wait = 0.0, time.perf_counter()
-        for batch in train_shard.iter_torch_batches(batch_size=tc.batch_size_per_worker, drop_last=True,
-                                                    local_shuffle_buffer_size=4 * tc.batch_size_per_worker,
-                                                    local_shuffle_seed=cfg.seed * 10_000 + epoch):
-            data_seconds += time.perf_counter() - t_wait
-            y = batch["y"].to(engine.device)
-            loss_sum, _ = loss_terms(batch["x"], y)
-            engine.backward(loss_sum / len(y))
-            engine.step()
-            sums += torch.tensor([loss_sum.item(), len(y)], dtype=torch.float64)
-            t_wait = time.perf_counter()
-        train_seconds = time.perf_counter() - t0
-        for buffer in engine.module.buffers():  # BatchNorm statistics: validate with what rank 0 exports
-            dist.broadcast(buffer, src=0)
-        engine.eval()
-        val = torch.zeros(6, dtype=torch.float64)  # loss, rows, correct, tp, fp, fn ("prefer LLM" = positive)
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=4096):
-                y = batch["y"].to(engine.device)
-                loss_sum, logits = loss_terms(batch["x"], y)
-                llm_pred, llm_true = logits < 0, y < 0.5
-                val += torch.tensor([loss_sum.item(), len(y), (llm_pred == llm_true).sum().item(),
-                                     (llm_pred & llm_true).sum().item(), (llm_pred & ~llm_true).sum().item(),
-                                     (~llm_pred & llm_true).sum().item()], dtype=torch.float64)
-        sums = sums.to(engine.device)
-        dist.all_reduce(sums)
-        loss, rows = sums.tolist()
-        vloss, vrows, correct, tp, fp, fn = val.tolist()  # every rank validates on the whole split
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss / max(rows, 1),
-            "val_loss": vloss / max(vrows, 1),
-            "val_accuracy": correct / max(vrows, 1),
-            "val_precision_llm": tp / (tp + fp) if tp + fp else 0.0,
-            "val_recall_llm": tp / (tp + fn) if tp + fn else 0.0,
-            "val_majority_rate": max(tp + fn, vrows - tp - fn) / max(vrows, 1),
-            "train_rows": int(rows),
-            "train_rows_per_s": rows / train_seconds if train_seconds > 0 else None,
-            "train_data_wait_share": data_seconds / train_seconds if train_seconds > 0 else None,  # rank 0
-            "epoch_seconds": time.perf_counter() - t0,
-            "started_at": started_at,
-        }
-        if metrics["val_loss"] < state["best_val_loss"] - 1e-7:
-            state.update(best_val_loss=metrics["val_loss"], best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"], state["stopped"] = epoch, state["bad_epochs"] >= tc.patience
-        metrics.update(best_epoch=state["best_epoch"], stopped_early=state["stopped"],
-                       resumed_from=list(state["resumed_from"]))
-        if rank == 0:
-            print(f"[citer] epoch {epoch}/{tc.epochs}: train loss {metrics['train_loss']:.4f}, val loss "
-                  f"{metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.2%} (majority "
-                  f"{metrics['val_majority_rate']:.2%}), prefer-LLM precision {metrics['val_precision_llm']:.2f} "
-                  f"recall {metrics['val_recall_llm']:.2f}, {metrics['train_rows_per_s'] or 0:,.0f} rows/s"
-                  + (" - stopping early" if state["stopped"] else ""), flush=True)
-        tmp = tempfile.mkdtemp(prefix="citer-ckpt-")
-        try:
-            engine.save_checkpoint(tmp, tag=TAG, client_state={"citer": state})
-            weights = full_state_dict(engine, cfg.deepspeed.zero_stage)
-            if rank == 0:
-                save_file(weights, str(Path(tmp) / WEIGHTS))
-            if config.get("fence"):  # this worker writes into the run only while its driver holds the lease
-                config["fence"].check(run_path(config["checkpoints"]))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        started = time.time(), time.perf_counter()
+        train, train_seconds, data_seconds = train_epoch(engine, loss_terms, train_shard, tc, cfg.seed, epoch)
+        val = validate(engine, loss_terms, val_shard)
+        metrics = epoch_metrics(epoch, train, val, train_seconds, data_seconds, started)
+        early_stopping(state, metrics, tc.patience)
+        report_epoch(engine, state, metrics, config, cfg, rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,13 +413,91 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, Any]:
         return plain()
 
 
-def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
-    """Train the router of `iteration` (resuming an interrupted run); export the best epoch; return
-    the summary written to `train/_DONE`."""
+def read_splits(cfg: Config, files: list[StoragePath], features: tuple[str, ...]) -> dict[str, Any]:
+    """The labelled shards as Ray datasets "train" and "val" (split by example), materialized."""
+    import ray.data
+    from ray.train import DataConfig
+
+    paths, fs = arrow_paths(files)
+    # Rows keep the shards' order and every worker gets the same rows each run, so on one cluster
+    # shape (Ray Data sizes read blocks from its CPUs) training is a function of the labels and the
+    # seed: two iterations whose labels agree train the same router (unless warm-started).
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    source = ray.data.read_parquet(paths, filesystem=fs).select_columns(
+        ["example_id", *feature_columns(features), "label"])
+    source.context.execution_options = copy.deepcopy(ordered)  # the splits below inherit it
+    # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
+    return {name: source.map_batches(to_arrays, batch_format="pyarrow",
+                                     fn_kwargs={"seed": cfg.seed, "fraction": cfg.train.val_fraction,
+                                                "validation": name == "val", "features": features}).materialize()
+            for name in ("train", "val")}
+
+
+def make_trainer(cfg: Config, run: StoragePath, it_dir: StoragePath, spec, ds_config: dict[str, Any],
+                 warm: StoragePath | None, splits: dict[str, Any]):
+    """Ray Train's TorchTrainer for the stage: its workers, checkpoints under it_dir/train, retries."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.router import CONFIG, WEIGHTS, Router, read_weights, router_spec, save_router, spec_dict
+    from pipeline.router import spec_dict
+
+    tc = cfg.train
+    (storage_path,), storage_fs = arrow_paths([it_dir])
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "spec": spec_dict(spec),
+                           "deepspeed": ds_config,
+                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None,
+                           "fence": fence_for(run), "checkpoints": location_text(it_dir / TRAIN_DIR)},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_loss",
+                                                                checkpoint_score_order="min")),
+        datasets=splits,
+        # Validation is not split: with ray's equal shards a few rows would be left out, and the
+        # exported router's metrics would not be exactly those of its epoch.
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered),
+    )
+
+
+def run_trainer(trainer, iteration: int, it_dir: StoragePath) -> tuple[Any, list[dict[str, Any]]]:
+    """Fit; Ray's result and the epochs' metrics in order. A worker's user error reaches the user
+    as its own line; any other failure says where the checkpoints to continue from are."""
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
+        if (found := user_error(e)) is not None:
+            raise found from None
+        raise CiterError(f"router training for iteration {iteration} failed ({one_line(e)}); "
+                         f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
+    history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+    if not history:
+        raise CiterError(f"router training for iteration {iteration} reported no epoch")
+    return result, history
+
+
+def best_router(result, spec, iteration: int):
+    """The epoch with the lowest validation loss (the earliest of equals), its router and metrics."""
+    from pipeline.router import WEIGHTS, Router, read_weights
+
+    best_ckpt, best = min(result.best_checkpoints, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
+    router = Router(spec)
+    with best_ckpt.as_directory() as d:
+        # The weights rank 0 saved beside the DeepSpeed shards: safetensors, so nothing is unpickled.
+        router.load_state_dict(read_weights(Path(d) / WEIGHTS, f"router training of iteration {iteration}"))
+    return router, best
+
+
+def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
+    """Train the router of `iteration` (resuming an interrupted run); export the best epoch; return
+    the summary written to `train/_DONE`."""
+    from pipeline.router import CONFIG, WEIGHTS, router_spec, save_router
 
     run = run_path(run).resolve()
     it_dir = iteration_dir(run, iteration)
@@ -381,62 +521,15 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
              iteration, counts["train_rows"], counts["val_rows"], counts["train_examples"],
              counts["val_examples"], tc.num_workers, cfg.deepspeed.zero_stage)
 
-    import ray.data
-
     ensure_ray()
     t0 = time.perf_counter()
-    paths, fs = arrow_paths(files)
-    (storage_path,), storage_fs = arrow_paths([it_dir])
-    # Rows keep the shards' order and every worker gets the same rows each run, so on one cluster
-    # shape (Ray Data sizes read blocks from its CPUs) training is a function of the labels and the
-    # seed: two iterations whose labels agree train the same router (unless warm-started).
-    ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    source = ray.data.read_parquet(paths, filesystem=fs).select_columns(
-        ["example_id", *feature_columns(spec.features), "label"])
-    source.context.execution_options = copy.deepcopy(ordered)  # the splits below inherit it
-    # Materialized before the workers take their CPUs, so no data task waits on a train worker's slot.
-    splits = {name: source.map_batches(to_arrays, batch_format="pyarrow",
-                                       fn_kwargs={"seed": cfg.seed, "fraction": tc.val_fraction,
-                                                  "validation": name == "val",
-                                                  "features": spec.features}).materialize()
-              for name in ("train", "val")}
+    splits = read_splits(cfg, files, spec.features)
     prepare_seconds = time.perf_counter() - t0
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "spec": spec_dict(spec),
-                           "deepspeed": ds_config,
-                           "warm_start": location_text(warm) if tc.warm_start and warm is not None else None,
-                           "fence": fence_for(run), "checkpoints": location_text(it_dir / TRAIN_DIR)},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(checkpoint_score_attribute="val_loss",
-                                                                checkpoint_score_order="min")),
-        datasets=splits,
-        # Validation is not split: with ray's equal shards a few rows would be left out, and the
-        # exported router's metrics would not be exactly those of its epoch.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered),
-    )
+    trainer = make_trainer(cfg, run, it_dir, spec, ds_config, warm, splits)
     t1, fit_started_at = time.perf_counter(), time.time()
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
-        if (found := user_error(e)) is not None:
-            raise found from None
-        raise CiterError(f"router training for iteration {iteration} failed ({one_line(e)}); "
-                         f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
+    result, history = run_trainer(trainer, iteration, it_dir)
     fit_seconds = time.perf_counter() - t1
-    history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
-    if not history:
-        raise CiterError(f"router training for iteration {iteration} reported no epoch")
-    best_ckpt, best = min(result.best_checkpoints, key=lambda cm: (cm[1]["val_loss"], cm[1]["epoch"]))
-    router = Router(spec)
-    with best_ckpt.as_directory() as d:
-        # The weights rank 0 saved beside the DeepSpeed shards: safetensors, so nothing is unpickled.
-        router.load_state_dict(read_weights(Path(d) / WEIGHTS, f"router training of iteration {iteration}"))
+    router, best = best_router(result, spec, iteration)
     summary = {
         "iteration": iteration,
         "best_epoch": best["epoch"],
@@ -464,4 +557,3 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
              best["epoch"], summary["epochs_run"], best["val_loss"], 100 * best["val_accuracy"],
              router_dir(run, iteration))
     return summary
-
