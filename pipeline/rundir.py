@@ -1,4 +1,4 @@
-"""The run directory: its paths and markers, its run record, and the Ray session its stages run in.
+"""The run directory: its paths and markers, and its run record.
 
     <storage>/<name>/
       run.json           config snapshot, W&B run id, code version, progress, created/updated
@@ -18,7 +18,6 @@
 `run.json` records the config on first use (credentials in a storage URI left out), and the
 revisions of the models and datasets (`pipeline.revisions`); a later stage with a config that
 differs in a key outside RESUMABLE_CHANGES, or whose models or datasets changed, is refused.
-Every stage connects to the cluster in RAY_ADDRESS or starts an embedded local Ray (`ensure_ray`).
 """
 
 from __future__ import annotations
@@ -194,9 +193,3 @@ def check_sharded_checkpoints(old: dict, cfg: Config, run: Path) -> None:
                 f"unfinished train stage under ZeRO stage {stage}, split over {before} workers, which load "
                 f"into {before} workers only. Resume with train.num_workers={before} (change it once that stage "
                 f"is done), or delete {train} to train that iteration's router again")
-
-
-# ---------------------------------------------------------------------------------------------
-# The Ray session
-
-

@@ -38,7 +38,7 @@ def test_rollouts_decide_labels_and_the_loop_converges(runs):
     assert it2["collect/case3_flip_share"] <= it1["collect/case3_flip_share"] / 2
     assert it2["router/agreement_with_previous"] > it1["router/agreement_with_previous"]
     # The router beats random and query-level routing. At `make demo`'s scale it also beats
-    # confidence routing (see the README); at this scale that is not pinned.
+    # confidence routing (docs/evidence.md); at this scale that is not pinned.
     for baseline in ("random", "query"):
         assert it2["eval/auc/router"] > it2[f"eval/auc/{baseline}"]
         theirs = it2[f"eval/llm_calls_to_target/{baseline}"]

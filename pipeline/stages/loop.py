@@ -2,8 +2,9 @@
 
 Every stage is skipped when its marker exists, so running the same command again resumes: a
 collect stage skips its complete shards, a train stage continues from its last checkpoint, and an
-evaluation starts over. Iteration 0's baselines (random, confidence, query routing) are reused by
-later iterations: they do not depend on the router. The run directory's layout is in pipeline.rundir.
+evaluation decodes only the shards missing from its eval-parts/. Iteration 0's baselines (random,
+confidence, query routing) are reused by later iterations: they do not depend on the router. The
+run directory's layout is in pipeline.rundir.
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ from pipeline.storage import StoragePath, run_path
 from pipeline.tracking import Tracker, read_metrics_records
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Convergence evidence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,9 +87,3 @@ def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any
     finally:
         tracker.finish()
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Status
-
-
