@@ -38,6 +38,7 @@ def config(*overrides: str):
                                      *overrides])
 
 
+@pytest.mark.slow
 def test_teacher_forced_labels_equal_one_generate_step_per_position(demo_world):
     cfg = config()
     pair = load_pair(cfg.models)
@@ -106,6 +107,7 @@ def test_rollout_cap_drops_and_counts_deterministically(demo_world):
     assert [(x.example_id, x.position) for x in again] == [(x.example_id, x.position) for x in once]
 
 
+@pytest.mark.slow
 def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(local_ray, demo_world, tmp_path):
     cfg = config(*ROLLOUT_HEAVY, "collect.audit_rate=0.05")
     run = tmp_path / "run"
@@ -193,6 +195,7 @@ def test_router_features_are_stored_as_the_decoder_computes_them_and_the_audit_i
         assert np.all(np.abs(at_decode - stored) <= step + 1e-6)
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_named_and_relabelled_on_resume(local_ray, demo_world, tmp_path):
     cfg = config()
     run = tmp_path / "run"

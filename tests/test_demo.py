@@ -5,6 +5,7 @@ import json
 import random
 import re
 
+import pytest
 import torch
 
 from pipeline.config import DemoConfig, TaskConfig
@@ -123,6 +124,7 @@ def test_world_files_and_recorded_bounds(demo_world):
     assert not {e.prompt for e in train} & {e.prompt for e in held_out}
 
 
+@pytest.mark.slow
 def test_citer_eval_measures_the_bounds_through_the_hub_loader_into_storage_name_eval(demo_world, tmp_path):
     proc = run_citer("eval", str(DEMO_CONFIG), f"storage={tmp_path}", "eval.methods=[slm,llm]")
     assert proc.returncode == 0, proc.stderr

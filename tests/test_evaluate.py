@@ -83,6 +83,7 @@ def shortcut_router(demo_world, tmp_path_factory):
     return save_router(router.eval(), tmp_path_factory.mktemp("router"))
 
 
+@pytest.mark.slow
 def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, tmp_path):
     proc = run_citer("eval", str(DEMO_CONFIG), "--router", str(shortcut_router), "--out", str(tmp_path),
                      "eval.n_examples=100", "eval.thresholds=[0.5,0.9,0.99]", "eval.random_ratios=[0.1,0.3,0.6]",
@@ -129,6 +130,7 @@ def test_router_for_another_slm_and_bad_thresholds_are_refused(tmp_path, demo_wo
     assert not (tmp_path / "o" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_model(shortcut_router, tmp_path,
                                                                                     monkeypatch, local_ray):
     """`run_eval` shards the held-out set over Ray actors: this process (the driver) loads no model,

@@ -31,6 +31,7 @@ def runs(local_ray, demo_world, tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_rollouts_decide_labels_and_the_loop_converges(runs):
     it0, it1, it2 = read_metrics_records(runs / "rollout")
     assert it0["collect/case3_share"] >= 0.03  # both models miss the reference token at >= 3% of tokens
@@ -66,6 +67,7 @@ def test_rollouts_decide_labels_and_the_loop_converges(runs):
     assert "break-even" in status and "cost of 3 iterations: collect" in status
 
 
+@pytest.mark.slow
 def test_rollout_labels_need_fewer_llm_calls_than_the_myopic_rule(runs):
     (myopic,) = read_metrics_records(runs / "myopic")
     rollout = read_metrics_records(runs / "rollout")[-1]

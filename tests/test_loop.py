@@ -61,6 +61,7 @@ def progress(run: ObjectPath) -> dict:
         return {}
 
 
+@pytest.mark.slow
 def test_driver_killed_in_each_stage_resumes_into_s3_with_the_same_labels_and_one_wandb_run(local_ray, demo_world, s3,
                                                                                              tmp_path, monkeypatch):
     """`citer train` into `s3://` (a real S3-compatible server on 127.0.0.1), SIGKILLed while

@@ -255,6 +255,7 @@ def test_a_holder_whose_store_stops_answering_stops_its_run(s3_server, tmp_path)
     assert 1.5 <= stopped_after < 8 and holder.returncode == 2
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_second_citer_train_and_takes_over_from_a_killed_one(tmp_path, demo_world):
     """Two real drivers on one run: the second exits with the holder named; the first goes on. Killed,
     the first's lease is taken at once by the next start on this machine (no --force needed)."""

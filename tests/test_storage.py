@@ -64,6 +64,7 @@ def test_unknown_unreachable_or_missing_storage_is_refused_before_any_work(s3, t
     check_storage(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_local_run_directory_on_a_multi_node_cluster_is_refused_before_any_work(tmp_path):
     from ray.cluster_utils import Cluster
 

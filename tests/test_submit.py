@@ -125,6 +125,7 @@ def ray_head(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_submit_runs_the_demo_job_to_completion_and_resubmitting_resumes(ray_head, demo_world, tmp_path):
     world = ROOT / ".citer" / "demo-world"  # the job's copy of the repository has no .citer: point at this one
     run = tmp_path / "run"

@@ -75,6 +75,7 @@ def trained(labelled, tmp_path_factory) -> tuple[Path, dict]:
     return run, fit_router(config(*TRAIN), run, 0)
 
 
+@pytest.mark.slow
 def test_router_beats_the_majority_rate_and_random_routing(trained):
     run, summary = trained
     best = summary["best"]
@@ -102,6 +103,7 @@ def test_router_beats_the_majority_rate_and_random_routing(trained):
     assert result["auc"]["router"] > result["auc"]["random"] + 0.1
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_to_the_same_router(labelled, trained, tmp_path):
     """A worker killed mid-training is restarted from the last checkpoint, and the run ends with
     the very router an uninterrupted run trains: rows reach each worker in a fixed order and every
@@ -138,6 +140,7 @@ def _cmdline(p: Path) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 def test_bad_deepspeed_config_shards_and_collect_dir_are_refused(labelled, tmp_path):
     proc = run_citer("fit-router", str(DEMO_CONFIG), "--run", str(tmp_path / "r"),
                      "deepspeed.extra.zero_optimisation={stage: 1}")
