@@ -63,7 +63,7 @@ def cmd_build_demo(args: argparse.Namespace) -> None:
     cfg = world_config(DemoConfig, args)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
     world = ensure_demo_world(cfg) if is_built(cfg.out) else None
-    if world is not None and not args.force and {k: world["config"].get(k) for k in settings} == settings:
+    if world is not None and not args.force and {k: world.get("config", {}).get(k) for k in settings} == settings:
         log.info("demo world already built at %s (use --force to rebuild)", cfg.out)
     else:
         world = build_demo_world(cfg)
