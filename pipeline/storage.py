@@ -290,8 +290,9 @@ def run_path(location: str | os.PathLike | ObjectPath) -> StoragePath:
 
 def location_text(path: StoragePath) -> str:
     """What to pass to another citer process so that `run_path` gives back `path` there (with any
-    credentials of its URI: never to show or store)."""
-    return path.uri if isinstance(path, ObjectPath) else str(path)
+    credentials of its URI: never to show or store). A local path is made absolute: the other process
+    (a Ray worker) may run in another directory."""
+    return path.uri if isinstance(path, ObjectPath) else str(path.absolute())
 
 
 def same_place(run: StoragePath, path: StoragePath) -> bool:

@@ -325,3 +325,25 @@ def test_a_worker_on_a_node_that_does_not_share_a_local_run_directory_writes_not
     refused = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode != 0 and "is not visible on" in refused.stderr and not target.exists()
+
+
+def test_a_lease_on_a_relative_run_directory_holds_for_workers_in_another_directory(tmp_path):
+    """`citer train runs/demo`: Ray's workers do not run in the driver's directory, yet the fence
+    they get must find the lease, and their writes into the run must go through."""
+    from pipeline.runlock import fence_env
+
+    run = tmp_path / "runs" / "demo"
+    relative = Path(os.path.relpath(run, Path.cwd()))
+    assert not relative.is_absolute()
+    probe = ("import json, os, sys; from pipeline.atomic import atomic_write_json; from pipeline.runlock import "
+             "FENCE_ENV, Fence\nfor f in json.loads(os.environ[FENCE_ENV]): Fence(**f).check()\n"
+             "atomic_write_json(sys.argv[1], {'rows': 1})")
+    target = run / "iter-000" / "collect" / "_DONE"
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    with RunLock(relative):
+        env = citer_env(**fence_env())
+        done = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(target.read_text())["rows"] == 1
