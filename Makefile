@@ -35,7 +35,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The fast lane: everything but the tests marked slow (a real driver and Ray end to end, the S3
-# server's fault tests, the SmolLM2 pair's longer runs) and gpu; under 5 minutes on 2 cores.
+# server's fault tests, anything needing the SmolLM2 world) and gpu; under 5 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc

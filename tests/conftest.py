@@ -1,5 +1,6 @@
-"""Shared fixtures. The demo world is built once per session (about 3 minutes on 2 cores) into
-the same cache `make demo` uses, and reused when it is already there."""
+"""Shared fixtures. The demo world is built once per session (about 2 minutes on 2 cores) into
+the same cache `make demo` uses, and reused when it is already there. Every test that needs the
+SmolLM2 world is marked slow: building it takes about a minute, and its tests take longer."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ BUCKET = "citer"  # the bucket of the `s3` fixture's server
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "smol_world" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

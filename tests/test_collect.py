@@ -58,7 +58,8 @@ def test_teacher_forced_labels_equal_one_generate_step_per_position(demo_world):
     assert checked == len(cases) > 2000 and (cases == SLM_ENOUGH).any() and (cases == LLM_NEEDED).any()
 
 
-@pytest.mark.parametrize("overrides", [[], ROLLOUT_HEAVY], ids=["demo-pair", "slm-as-llm"])
+@pytest.mark.parametrize("overrides", [pytest.param([], id="demo-pair"),
+                                       pytest.param(ROLLOUT_HEAVY, id="slm-as-llm", marks=pytest.mark.slow)])
 def test_collect_shards_match_the_labelling_core(local_ray, demo_world, tmp_path, overrides):
     cfg = config(*overrides)
     summary = run_collect(cfg, tmp_path / "run", 0)

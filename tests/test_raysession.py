@@ -41,6 +41,7 @@ def test_a_citer_error_raised_in_an_actor_comes_out_as_itself(local_ray):
         assert type(caught.value) is CiterError and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_citer_error_raised_in_a_training_worker_is_found_in_ray_trains_failure(local_ray, tmp_path):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -71,6 +71,7 @@ def test_a_second_start_is_refused_at_once_while_the_holder_runs_and_the_lease_i
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_racing_starts_exactly_one_takes_the_run(store, tmp_path, request):
     """Four processes start at the same instant (a barrier on the clock), twice: each time exactly one

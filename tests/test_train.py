@@ -248,6 +248,7 @@ def _round_trip_every_stage(port: int) -> None:
                   f"{sorted(batchnorm)}", flush=True)
 
 
+@pytest.mark.slow
 def test_every_zero_stage_with_and_without_bf16_resumes_through_the_safe_engine():
     from tests.conftest import free_port
 
