@@ -74,7 +74,6 @@ def test_decoder_equals_transformers_generate_on_a_padded_chat_batch(pair, promp
         assert gen.tokens == hf_greedy(model, prompt, pair.eos_ids, 24)
 
 
-@pytest.mark.slow
 def test_collaborative_decoding_equals_the_cache_free_reference(pair, prompts):
     torch.manual_seed(0)
     router = Router(RouterSpec(input_size=pair.hidden_size)).eval()
@@ -152,7 +151,6 @@ def test_a_mistyped_model_path_is_named_as_such(tmp_path):
         load_pair(ModelsConfig(slm=missing, llm=missing))
 
 
-@pytest.mark.slow
 def test_citer_train_one_iteration_on_real_gsm8k(smol_world, tmp_path):
     run = tmp_path / "run"
     overrides = ["collect.n_examples=10", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",

@@ -402,7 +402,6 @@ def smol_prompt(smol: Served, messages: list[dict]) -> list[int]:
                                                         return_dict=False))
 
 
-@pytest.mark.slow
 def test_smol_chat_uses_the_chat_template_and_streams_the_same_text(smol):
     messages = [{"role": "system", "content": "You are a careful tutor."},
                 {"role": "user", "content": "Tom has 3 apples and buys 5 more. How many apples does he have?"}]
@@ -421,7 +420,6 @@ def test_smol_chat_uses_the_chat_template_and_streams_the_same_text(smol):
     assert completion.choices[0].text == smol.expected(bos + ids, max_tokens=6)[1]
 
 
-@pytest.mark.slow
 def test_smol_16_concurrent_greedy_requests_equal_their_solo_decodes(smol):
     asks = [[{"role": "user", "content": f"What is {a} plus {b}? Answer briefly."}]
             for a, b in zip(range(2, 18), range(40, 24, -1), strict=True)]

@@ -97,7 +97,6 @@ def test_chat_template_survives_the_round_trip(smol_world):
     assert answer.endswith("5<|im_end|>\n")
 
 
-@pytest.mark.slow
 def test_saved_llm_matches_the_gguf_model(smol_world):
     try:
         gguf = smol.require_extra()
