@@ -87,7 +87,8 @@ def shortcut_router(demo_world, tmp_path_factory):
 def test_citer_eval_with_a_router_writes_points_auc_and_curve(shortcut_router, tmp_path):
     proc = run_citer("eval", str(DEMO_CONFIG), "--router", str(shortcut_router), "--out", str(tmp_path),
                      "eval.n_examples=100", "eval.thresholds=[0.5,0.9,0.99]", "eval.random_ratios=[0.1,0.3,0.6]",
-                     "eval.confidence_thresholds=[0.6,0.9]", "eval.query_fractions=[0.2,0.6]")
+                     "eval.confidence_thresholds=[0.6,0.9]", "eval.query_fractions=[0.2,0.6]",
+                     "eval.refine_steps=0")  # refinement is the actors test's
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     methods = [p["method"] for p in result["points"] if not p.get("refined")]

@@ -16,7 +16,7 @@ from tests.conftest import DEMO_CONFIG
 
 SMALL = ["collect.n_examples=400", "collect.shard_size=100", "collect.num_actors=2", "train.epochs=5",
          "train.patience=10", "eval.n_examples=120", "eval.shard_size=60",
-         "eval.thresholds=[0.9,0.98,0.995,0.999]",
+         "eval.thresholds=[0.8,0.9,0.92,0.94,0.96,0.98,0.995,0.999]", "eval.refine_steps=0",
          "eval.random_ratios=[0.1,0.3,0.6]", "eval.query_fractions=[0.3]", "loop.iterations=3",
          "eval.methods=[slm,llm,router,random,query]"]  # confidence routing is compared at `make demo`'s scale
 

@@ -155,7 +155,7 @@ def test_citer_train_one_iteration_on_real_gsm8k(smol_world, tmp_path):
     run = tmp_path / "run"
     overrides = ["collect.n_examples=10", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",
                  "eval.n_examples=4", "eval.max_new_tokens=32", "eval.methods=[slm,llm,router]",
-                 "eval.thresholds=[0.5]", "train.epochs=1", "train.num_workers=1"]
+                 "eval.thresholds=[0.5]", "eval.refine_steps=0", "train.epochs=1", "train.num_workers=1"]
     proc = run_citer("train", str(SMOL_CONFIG), "--run", str(run), *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = json.loads((run / "iter-000" / "collect" / "_DONE").read_text())

@@ -133,7 +133,8 @@ def test_submit_runs_the_demo_job_to_completion_and_resubmitting_resumes(ray_hea
                  f"task.train_path={world}/data/train.jsonl", f"task.eval_path={world}/data/eval.jsonl",
                  "collect.n_examples=32", "collect.shard_size=16", "collect.num_actors=1", "train.epochs=1",
                  "train.num_workers=1", "eval.n_examples=20", "eval.thresholds=[0.9]", "eval.random_ratios=[0.2]",
-                 "eval.confidence_thresholds=[0.9]", "eval.query_fractions=[0.2]", "loop.iterations=1"]
+                 "eval.confidence_thresholds=[0.9]", "eval.query_fractions=[0.2]", "eval.refine_steps=0",
+                 "loop.iterations=1"]
     args = ["submit", str(DEMO_CONFIG.relative_to(ROOT)), "--address", ray_head, "--run", str(run), *overrides]
     first = run_citer(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
