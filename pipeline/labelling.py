@@ -13,7 +13,9 @@ once. The public CITER code instead calls `generate` once per token; a test chec
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,14 +172,16 @@ def prefix_states(model, seqs: list[list[int]], pad_id: int) -> list[list[tuple[
 
 
 def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, policy, max_new_tokens: int,
-                 batch_size: int, decoding: dict | None = None) -> tuple[list[bool], int]:
+                 batch_size: int, decoding: dict | None = None,
+                 on_examples: Callable[[int], Any] | None = None) -> tuple[list[bool], int]:
     """Finish every rollout under `policy` and score it. Returns the outcomes and the number of
     rollouts cut off by `max_new_tokens` before an end id (scored wrong: no answer).
 
     Rollouts are decoded `batch_size` examples at a time: one forward of each model over an
     example's prompt + reference gives the states every rollout of that example starts from
     (cropped to its position), instead of one prefill per rollout. `decoding`: `decode`'s schedule
-    and graph settings (`pipeline.decoding.settings`).
+    and graph settings (`pipeline.decoding.settings`). `on_examples(n)` hears of each batch's
+    examples as their rollouts finish.
 
     A rollout is scored on the response (the reference prefix and the rollout's own tokens, never
     the prompt), and is correct only when the decisive answer lies in its own text (`score_rollout`)."""
@@ -206,6 +210,8 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
                       **(decoding or {}))
         continuations.update({k: g.tokens for k, g in zip(ks, done.generations, strict=True)})
         del states, prefixes
+        if on_examples is not None:
+            on_examples(len(chunk))
     outcomes, unfinished = [], 0
     for k, r in enumerate(rollouts):
         own = [r.slm_token, *continuations.get(k, [])]
@@ -223,13 +229,14 @@ def run_rollouts(pair: ModelPair, rollouts: list[Rollout], *, task_format: str, 
 def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherForced], *, task_format: str,
                    policy, max_rollouts: int, max_new_tokens: int, batch_size: int,
                    case3_labels: str = "rollout", decoding: dict | None = None, audit_rate: float = 0.0,
-                   audit_seed: int = 0) -> tuple[list[TokenLabel], dict[str, int]]:
+                   audit_seed: int = 0, on_examples: Callable[[int], Any] | None = None,
+                   ) -> tuple[list[TokenLabel], dict[str, int]]:
     """Labels for every reference token of `examples`: cases 1-2 from the teacher-forced pass,
     case 3 from rollouts under `policy` (or, with `case3_labels="llm"`, the myopic rule: "prefer
     the LLM" without a rollout), and the shortcut audit of `audit_rate` of the case-1/2 tokens
     (`audit_positions`, `audit_rollouts`). Returns the labels and counts: `case3_dropped` (case-3
     tokens the `max_rollouts` cap left out), `rollouts_unfinished` (case 3) and
-    `audit_rollouts_unfinished`."""
+    `audit_rollouts_unfinished`. `on_examples`: as `run_rollouts`'s, for the case-3 rollouts."""
     jobs, dropped = [], 0
     for e, t in enumerate(tf):
         chosen = rollout_positions(t, max_rollouts)
@@ -241,7 +248,7 @@ def label_examples(pair: ModelPair, examples: list[Example], tf: list[TeacherFor
     if case3_labels == "rollout":
         rollouts = [Rollout(tf[e].prompt_ids, tf[e].reference_ids, i, int(tf[e].slm_tokens[i]), examples[e].answer,
                             examples[e].labels) for e, i in jobs]
-        results, unfinished = run_rollouts(pair, rollouts, **kw)
+        results, unfinished = run_rollouts(pair, rollouts, **kw, on_examples=on_examples)
     elif case3_labels != "llm":
         raise CiterError(f"collect.case3_labels must be 'rollout' or 'llm', got {case3_labels!r}")
     outcome = dict(zip(jobs, results, strict=True))

@@ -138,8 +138,12 @@ def test_iteration_one_keeps_shortcut_rows_and_redoes_rollouts_under_the_router(
         rollouts.append(Rollout(prompt, ref, first[k]["position"], first[k]["slm_token"], ex.answer))
         assert rollouts[-1].start == prompt + ref[: first[k]["position"]] + [first[k]["slm_token"]]
     policy = RouterPolicy(router, cfg.collect.threshold)
-    expected, _ = run_rollouts(pair, rollouts, task_format="gsm8k", policy=policy, max_new_tokens=128, batch_size=16)
+    heard: list[int] = []  # what progress hears: each batch's examples as their rollouts finish
+    expected, _ = run_rollouts(pair, rollouts, task_format="gsm8k", policy=policy, max_new_tokens=128, batch_size=16,
+                               on_examples=heard.append)
     assert [second[k]["rollout_correct"] for k in redo] == expected
+    rolled = len({first[k]["example_id"] for k in redo if first[k]["slm_token"] != tok.eos_token_id})
+    assert sum(heard) == rolled and len(heard) == -(-rolled // 16) and rolled > 16
     # The audit is redone under the router too: the rollouts from the SLM's token, by hand (with
     # the SLM standing in for the LLM, both models' tokens are one token).
     audited = [k for k, r in enumerate(second) if r["audit_slm_correct"] is not None]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,11 +60,12 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[list[Example]]
 # Labelling one shard
 
 
-def label_shard(pair, cfg: Config, examples: list[Example], policy,
-                previous: pa.Table | None) -> tuple[pa.Table, dict[str, int]]:
+def label_shard(pair, cfg: Config, examples: list[Example], policy, previous: pa.Table | None,
+                on_examples: Callable[[int], Any] | None = None) -> tuple[pa.Table, dict[str, int]]:
     """Label one shard. Without `previous`, from scratch (teacher-forced pass + rollouts); with
     iteration 0's rows as `previous`, keep their case 1-2 rows and redo the case-3 rollouts.
-    Returns the table and its counts (`case3_dropped`, `rollouts_unfinished`)."""
+    Returns the table and its counts (`case3_dropped`, `rollouts_unfinished`). `on_examples(n)`
+    hears of the examples whose case-3 rollouts are done, as they finish."""
     from pipeline.decoding import settings
     from pipeline.labelling import label_examples, teacher_forced
 
@@ -77,13 +79,13 @@ def label_shard(pair, cfg: Config, examples: list[Example], policy,
                             top_k=min(cfg.router.top_k, pair.n_ids or cfg.router.top_k))
         labels, counts = label_examples(pair, examples, tf, max_rollouts=c.max_rollouts_per_example,
                                         case3_labels=c.case3_labels, audit_rate=c.audit_rate, audit_seed=cfg.seed,
-                                        **kw)
+                                        on_examples=on_examples, **kw)
         return labels_table(labels, features, audit=c.audit_rate > 0), counts
-    return relabel_shard(pair, cfg, examples, previous, kw)
+    return relabel_shard(pair, cfg, examples, previous, kw, on_examples)
 
 
-def relabel_shard(pair, cfg: Config, examples: list[Example], previous: pa.Table,
-                  rollout_kw: dict[str, Any]) -> tuple[pa.Table, dict[str, int]]:
+def relabel_shard(pair, cfg: Config, examples: list[Example], previous: pa.Table, rollout_kw: dict[str, Any],
+                  on_examples: Callable[[int], Any] | None = None) -> tuple[pa.Table, dict[str, int]]:
     """Iteration k >= 1: iteration 0's rows with the case-3 rollouts and the audit's redone under
     this iteration's policy (`rollout_kw`)."""
     from pipeline.labelling import NEEDS_ROLLOUT, AuditToken, Rollout, audit_rollouts, encode_reference, run_rollouts
@@ -101,7 +103,7 @@ def relabel_shard(pair, cfg: Config, examples: list[Example], previous: pa.Table
     gold = lambda k: (by_id[rows[k]["example_id"]].answer, by_id[rows[k]["example_id"]].labels)  # noqa: E731
     rollouts = [Rollout(*encoded[rows[k]["example_id"]], rows[k]["position"], rows[k]["slm_token"], *gold(k))
                 for k in redo]
-    outcomes, counts["rollouts_unfinished"] = run_rollouts(pair, rollouts, **rollout_kw)
+    outcomes, counts["rollouts_unfinished"] = run_rollouts(pair, rollouts, **rollout_kw, on_examples=on_examples)
     for k, correct in zip(redo, outcomes, strict=True):
         rows[k]["rollout_correct"], rows[k]["label"] = correct, int(correct)
     audits, counts["audit_rollouts_unfinished"] = audit_rollouts(pair, [AuditToken(
@@ -113,9 +115,10 @@ def relabel_shard(pair, cfg: Config, examples: list[Example], previous: pa.Table
 
 
 class TokenLabeler:
-    """Ray Data actor: holds the SLM, the LLM and the current router; labels whole shards."""
+    """Ray Data actor: holds the SLM, the LLM and the current router; labels whole shards, telling
+    the driver's progress (`tally`, a raysession.Tally) of each example as its rollouts finish."""
 
-    def __init__(self, config: dict, run: str, iteration: int, threads: int = 1):
+    def __init__(self, config: dict, run: str, iteration: int, threads: int = 1, tally: Any = None):
         import torch
 
         from pipeline.decoding import RouterPolicy, SLMOnly
@@ -132,6 +135,7 @@ class TokenLabeler:
             router = load_router(router_dir(run, iteration - 1), expected_input_size=self.pair.hidden_size,
                                  device=self.pair.device)
             self.policy = RouterPolicy(router.router, self.cfg.collect.threshold)
+        self.tally = tally
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"shard": [], "rows": [], "seconds": []}
@@ -141,7 +145,7 @@ class TokenLabeler:
             previous = None
             if self.iteration > 0:
                 previous = read_shard(shard_path(collect_dir(self.run, 0), int(shard)))
-            table, counts = label_shard(self.pair, self.cfg, examples, self.policy, previous)
+            table, counts = self.label(examples, previous)
             table = table.replace_schema_metadata({k: str(v) for k, v in counts.items()})
             target = shard_path(collect_dir(self.run, self.iteration), int(shard))
             with atomic_writer(target) as tmp:
@@ -149,6 +153,22 @@ class TokenLabeler:
             for key, value in (("shard", int(shard)), ("rows", table.num_rows), ("seconds", time.perf_counter() - t0)):
                 out[key].append(value)
         return out
+
+    def label(self, examples: list[Example], previous: pa.Table | None) -> tuple[pa.Table, dict[str, int]]:
+        """`label_shard`, telling the tally of each example as its rollouts finish, and of the
+        examples without rollouts at the end."""
+        if self.tally is None:
+            return label_shard(self.pair, self.cfg, examples, self.policy, previous)
+        told = 0
+
+        def tell(n: int) -> None:
+            nonlocal told
+            told += n
+            self.tally.add.remote(n)
+
+        labelled = label_shard(self.pair, self.cfg, examples, self.policy, previous, on_examples=tell)
+        self.tally.add.remote(len(examples) - told)
+        return labelled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +275,8 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
     if todo:
         items = [{"shard": k, "examples": json.dumps([ex.__dict__ for ex in shards[k]])} for k in todo]
         constructor = {"config": cfg.to_dict(), "run": location_text(run), "iteration": iteration}
-        for row in shards_on_actors(TokenLabeler, items, constructor, cfg, f"collect iteration {iteration}"):
+        for row in shards_on_actors(TokenLabeler, items, constructor, cfg, f"collect iteration {iteration}",
+                                    sizes=[len(shards[k]) for k in todo], unit="examples"):
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
     summary = {"iteration": iteration, "examples": len(examples), "shards": len(shards),
