@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: a broken suite, so fail loudly.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=20 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The fast lane: everything but the tests marked slow (a real driver and Ray end to end, the S3
