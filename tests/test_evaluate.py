@@ -65,6 +65,9 @@ def shortcut_router(demo_world, tmp_path_factory):
     """A router fitted quickly on shortcut labels (cases 1 and 2) of 300 training examples."""
     cfg = load_config(DEMO_CONFIG)
     pair = load_pair(cfg.models)
+    # One thread: the same router whichever tests ran before (some leave torch on one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     labelled = teacher_forced(pair, load_examples(cfg.task, "train", limit=300), batch_size=50)
     cases = np.concatenate([t.cases for t in labelled])
     assert set(np.unique(cases)) <= {SLM_ENOUGH, LLM_NEEDED, NEEDS_ROLLOUT} and (cases == LLM_NEEDED).sum() > 20
@@ -80,6 +83,7 @@ def shortcut_router(demo_world, tmp_path_factory):
             opt.zero_grad()
             loss.backward()
             opt.step()
+    torch.set_num_threads(threads)
     return save_router(router.eval(), tmp_path_factory.mktemp("router"))
 
 
@@ -141,7 +145,9 @@ def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_mode
     from pipeline import models
     from pipeline.stages import evaluate
 
-    cfg = load_config(DEMO_CONFIG, ["eval.n_examples=60", "eval.shard_size=20", "eval.thresholds=[0.5,0.95]",
+    # The router reaches the target (the LLM's 59 of 60 right) between 0.95 and 0.98 here, at 0.95
+    # on some machines: either way two configured points bracket it across a wide gap.
+    cfg = load_config(DEMO_CONFIG, ["eval.n_examples=60", "eval.shard_size=20", "eval.thresholds=[0.5,0.95,0.98]",
                                     "eval.random_ratios=[0.3]", "eval.confidence_thresholds=[0.9]",
                                     "eval.query_fractions=[0.5]", "collect.num_actors=2", "eval.refine_steps=6",
                                     "eval.refine_tolerance=0.02"])
@@ -166,8 +172,11 @@ def test_evaluation_on_actors_keeps_finished_shards_and_the_driver_loads_no_mode
     assert x0 <= result["llm_calls_to_target"]["router"] <= x1
     (w0, _, _), (w1, _, _) = evaluate.target_bracket(whole, "router")
     assert w1 - w0 > 0.02  # the configured sweep alone brackets the target across a wider gap
-    assert len(list((tmp_path / "eval-parts").glob("refine-router-*/part-*.json"))) == 3 * sum(
-        p["method"] == "router" for p in refined)
+    # Each step decodes both methods' next thresholds in one folder, three shards each.
+    steps = sorted((tmp_path / "eval-parts").glob("refine-*"))
+    assert all(len(list(step.glob("part-*.json"))) == 3 for step in steps)
+    assert len(steps) == max(sum(p["method"] == m for p in refined) for m in ("router", "confidence"))
+    assert sum("refine-router-" in step.name for step in steps) == sum(p["method"] == "router" for p in refined)
     for p in result["points"]:
         lo, hi = p["accuracy_interval"]
         assert lo <= p["accuracy"] <= hi

@@ -340,20 +340,24 @@ def refine_sweeps(cfg: Config, examples: list[Example], decoded: list[dict[str, 
                   methods: list[str]) -> dict[str, Any]:
     """Refine each of `methods`' sweeps around the target accuracy: while the two points that
     bracket it are more than `eval.refine_tolerance` apart in LLM-call ratio, decode the threshold
-    halfway between theirs (at most `eval.refine_steps` times a method), each step on the actor
-    pool with its own part folder, so a rerun finds every step's decodes. Returns the assembled
+    halfway between theirs (at most `eval.refine_steps` times a method). The methods refine side
+    by side: each step decodes every unfinished method's next threshold in one pass over the actor
+    pool, in a part folder of its own, so a rerun finds every step's decodes. Returns the assembled
     result over every decode."""
     result = assemble(cfg, len(examples), decoded, baselines)
-    for method in methods:
-        for _ in range(cfg.eval.refine_steps):
-            threshold = bisection_threshold(result, method, cfg.eval.refine_tolerance)
-            if threshold is None:
-                break
-            key = f"{REFINE}-{method}-{threshold:.12g}"
-            more = decode_on_actors(cfg, examples, [[method, threshold]], parts / key, router_dir)
-            decoded = [{**d, **{f"{key}:{label}": run for label, run in m.items()}}
-                       for d, m in zip(decoded, more, strict=True)]
-            result = assemble(cfg, len(examples), decoded, baselines)
+    active = list(methods)
+    for _ in range(cfg.eval.refine_steps):
+        step = {m: t for m in active if (t := bisection_threshold(result, m, cfg.eval.refine_tolerance)) is not None}
+        if not step:
+            break
+        active = list(step)
+        keys = {m: f"{REFINE}-{m}-{t:.12g}" for m, t in step.items()}
+        more = decode_on_actors(cfg, examples, [[m, t] for m, t in step.items()], parts / "+".join(keys.values()),
+                                router_dir)
+        decoded = [{**d, **{f"{keys[run['method']]}:{label}": run for label, run in shard.items()}}
+                   for d, shard in zip(decoded, more, strict=True)]
+        result = assemble(cfg, len(examples), decoded, baselines)
+        for method, threshold in step.items():
             point = next(p for p in result["points"] if p["method"] == method and p["threshold"] == threshold)
             log.info("refined the %s sweep at threshold %.6g: %.1f%% LLM tokens, %.1f%% accuracy", method,
                      threshold, 100 * point["llm_call_ratio"], 100 * point["accuracy"])
