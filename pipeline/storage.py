@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -183,12 +184,23 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no directories, only keys."""
 
-    def read_bytes(self) -> bytes:
-        try:
-            with self.fs.open_input_stream(self.key) as f:
-                return f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self}: no such object") from None
+    def read_bytes(self, attempts: int = 3) -> bytes:
+        """The object's bytes. A read that breaks off (S3 servers drop the stream of an object
+        deleted while it is read) is retried; if the object is gone by then, it reads as missing."""
+        attempt = 1
+        while True:
+            try:
+                with self.fs.open_input_stream(self.key) as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self}: no such object") from None
+            except OSError:
+                if not self.exists():
+                    raise FileNotFoundError(f"{self}: no such object (deleted while read)") from None
+                if attempt >= attempts:
+                    raise
+            time.sleep(0.05 * attempt)
+            attempt += 1
 
     def read_text(self) -> str:
         return self.read_bytes().decode()

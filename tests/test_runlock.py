@@ -93,7 +93,8 @@ def test_racing_starts_exactly_one_takes_the_run(store, tmp_path, request):
         assert len(winners) == 1, outs
         for p, (_, err) in zip(procs, outs, strict=True):
             if p is not winners[0]:
-                assert p.returncode == 2 and "is in use by citer train on" in err and f"(pid {winners[0].pid}," in err
+                assert p.returncode == 2, err
+                assert "is in use by citer train on" in err and f"(pid {winners[0].pid}," in err, err
                 assert "Traceback" not in err
 
 
