@@ -317,7 +317,9 @@ class RunLock:
             for claim in watched:
                 if claim["token"] in present and self.claims.read_beat(claim["token"]) != seen[claim["token"]]:
                     return claim
-            if not present & seen.keys():
+            # Gone only if a second listing agrees: an object store may leave a claim out of one
+            # listing (or fail one read of it) while it is being written, and its holder lives.
+            if not present & seen.keys() and not {c["token"] for c in self.claims.current()} & seen.keys():
                 return None
         return None
 
