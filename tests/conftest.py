@@ -87,9 +87,20 @@ def local_ray():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free local ports: all held open while chosen, since a port just closed may be
+    handed out again at once."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +118,13 @@ def s3_server(tmp_path_factory):
 
     weed = Path(sys.executable).parent / "weed"
     data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    names = ("master", "volume", "filer", "s3")
+    chosen = free_ports(2 * len(names))
+    ports = dict(zip(names, chosen[: len(names)], strict=True))
     args = [str(weed), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
             "-master.volumeSizeLimitMB=64", "-volume.max=8", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    for name, port in ports.items():
-        args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+    for (name, port), grpc in zip(ports.items(), chosen[len(names):], strict=True):
+        args += [f"-{name}.port={port}", f"-{name}.port.grpc={grpc}"]
     log = (data / "weed.log").open("w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env = {"AWS_ACCESS_KEY_ID": "citer-test", "AWS_SECRET_ACCESS_KEY": "citer-test-secret",

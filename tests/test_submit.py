@@ -4,7 +4,6 @@
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ import yaml
 from pipeline import CiterError
 from pipeline.raysession import LOCAL_PATH_ENV
 from pipeline.submit import runtime_env, submit
-from tests.conftest import DEMO_CONFIG, ROOT, citer_env, run_citer
+from tests.conftest import DEMO_CONFIG, ROOT, citer_env, free_ports, run_citer
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeClient:
@@ -112,7 +105,7 @@ def test_the_runtime_env_file_wins_over_this_shell_and_names_what_it_overrides(t
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 whose jobs find this environment's `python` first on PATH."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard = free_ports(2)
     env = citer_env(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
