@@ -63,6 +63,7 @@ def filesystem(base: str, bucket: str) -> Any:
     return fs
 
 
+READ_ATTEMPTS = 3  # an object's read that breaks off is tried this many times in all
 # Query options of a storage URI whose values are secrets (pyarrow's S3 and GCS options).
 SECRET_OPTION = re.compile(r"(secret|token|password|access_key|credential)", re.IGNORECASE)
 
@@ -184,7 +185,7 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no directories, only keys."""
 
-    def read_bytes(self, attempts: int = 3) -> bytes:
+    def read_bytes(self) -> bytes:
         """The object's bytes. A read that breaks off (S3 servers drop the stream of an object
         deleted while it is read) is retried; if the object is gone by then, it reads as missing."""
         attempt = 1
@@ -197,7 +198,7 @@ class ObjectPath:
             except OSError:
                 if not self.exists():
                     raise FileNotFoundError(f"{self}: no such object (deleted while read)") from None
-                if attempt >= attempts:
+                if attempt >= READ_ATTEMPTS:
                     raise
             time.sleep(0.05 * attempt)
             attempt += 1
