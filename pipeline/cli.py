@@ -106,10 +106,11 @@ def cmd_collect(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
     from pipeline.rundir import collect_dir
     from pipeline.stages.collect import run_collect
+    from pipeline.stages.loop import open_run
 
     check_storage(run_path(args.run))
     with hold_run(args, args.run, "citer collect"):
-        summary = run_collect(cfg, args.run, args.iteration)
+        summary = run_collect(cfg, open_run(cfg, args.run), args.iteration)
     cases = summary["cases"]
     total = max(1, summary["rows"])
     print(f"iteration {summary['iteration']}: {summary['rows']} labelled tokens from {summary['examples']} examples "
@@ -125,11 +126,12 @@ def cmd_collect(args: argparse.Namespace) -> None:
 def cmd_fit_router(args: argparse.Namespace) -> None:
     cfg = load_job_config(args.config, args.overrides)
     from pipeline.rundir import router_dir
+    from pipeline.stages.loop import open_run
     from pipeline.stages.train import fit_router
 
     check_storage(run_path(args.run))
     with hold_run(args, args.run, "citer fit-router"):
-        summary = fit_router(cfg, args.run, args.iteration)
+        summary = fit_router(cfg, open_run(cfg, args.run), args.iteration)
     best = summary["best"]
     print(f"iteration {summary['iteration']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}")

@@ -143,14 +143,15 @@ def check_offload(name: str, cfg: ModelsConfig, device_map: str | dict, placed: 
                          "models.llm_max_memory) to offload on purpose")
 
 
-def check_pair(cfg: ModelsConfig) -> None:
+def check_pair(cfg: ModelsConfig) -> PreTrainedTokenizerBase:
     """What can be checked of a pair without loading either model: both names, one shared
     tokenizer, the LLM's placement settings. A driver checks this before its actors load the pair,
-    so that a bad pair is one clear error and not an actor's failure."""
-    check_same_tokenizer(load_tokenizer(cfg.slm, cfg.trust_remote_code), load_tokenizer(cfg.llm, cfg.trust_remote_code),
-                         (cfg.slm, cfg.llm))
+    so that a bad pair is one clear error and not an actor's failure. Returns the shared tokenizer."""
+    tok = load_tokenizer(cfg.slm, cfg.trust_remote_code)
+    check_same_tokenizer(tok, load_tokenizer(cfg.llm, cfg.trust_remote_code), (cfg.slm, cfg.llm))
     if cfg.llm_device_map is not None:
         llm_placement(cfg, cfg.llm_device_map, here=False)
+    return tok
 
 
 def llm_placement(cfg: ModelsConfig, device_map: str | dict, here: bool = True) -> dict:

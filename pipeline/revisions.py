@@ -51,9 +51,8 @@ def content_hash(path: Path) -> str:
 
 @functools.cache
 def hub_commit(repo: str, repo_type: str) -> str | None:
-    """The commit a hub repository's main branch is at: asked of the hub (once per process: every
-    stage checks the run's config), else the one this machine's cache resolved last (offline);
-    None when neither knows."""
+    """The commit a hub repository's main branch is at: asked of the hub (once per process), else
+    the one this machine's cache resolved last (offline); None when neither knows."""
     from huggingface_hub import HfApi, constants
 
     if not constants.HF_HUB_OFFLINE:

@@ -150,15 +150,14 @@ def check_run_config(cfg: Config, run: Path) -> None:
     invalidate work already in the run directory (anything but RESUMABLE_CHANGES)."""
     from pipeline import __version__
 
-    record = read_run_record(run)
+    record, config, inputs = read_run_record(run), recorded_config(cfg), input_revisions(cfg)
     if record is None:
         run.mkdir(parents=True, exist_ok=True)
-        update_run_record(run, config=recorded_config(cfg), revisions=input_revisions(cfg), created=_now(),
-                          code_version=__version__)
+        update_run_record(run, config=config, revisions=inputs, created=_now(), code_version=__version__)
         return
-    diff = config_differences(record["config"], recorded_config(cfg), RESUMABLE_CHANGES)
+    diff = config_differences(record["config"], config, RESUMABLE_CHANGES)
     if diff:
-        a, b = _flatten(record["config"]), _flatten(recorded_config(cfg))
+        a, b = _flatten(record["config"]), _flatten(config)
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
         raise CiterError(
             f"{run} was written by a different config: {', '.join(diff)} changed ({detail}). These keys "
@@ -166,7 +165,7 @@ def check_run_config(cfg: Config, run: Path) -> None:
             f"that may change on resume: {', '.join(RESUMABLE_CHANGES)})"
         )
     check_sharded_checkpoints(record["config"], cfg, run)
-    revisions = updated_revisions(record.get("revisions"), input_revisions(cfg))
+    revisions = updated_revisions(record.get("revisions"), inputs)
     changed = revision_changes(record.get("revisions"), revisions, cfg)
     if changed and not changes_allowed():
         raise CiterError(f"{run}: its inputs changed since the run started: {'; '.join(changed)}. Results already "
@@ -174,8 +173,8 @@ def check_run_config(cfg: Config, run: Path) -> None:
                          "--allow-changed-inputs to go on with the new ones")
     if changed:
         log.warning("%s goes on with changed inputs (--allow-changed-inputs): %s", run, "; ".join(changed))
-    if record["config"] != recorded_config(cfg) or record.get("revisions") != revisions:
-        update_run_record(run, config=recorded_config(cfg), revisions=revisions)  # allowed changes: now recorded
+    if record["config"] != config or record.get("revisions") != revisions:
+        update_run_record(run, config=config, revisions=revisions)  # allowed changes: now recorded
 
 
 def check_sharded_checkpoints(old: dict, cfg: Config, run: Path) -> None:

@@ -26,6 +26,7 @@ from pipeline.router import Router, RouterSpec, save_router
 from pipeline.rundir import DONE, collect_dir, iteration_dir
 from pipeline.shards import read_labels, shard_schema
 from pipeline.stages.collect import run_collect
+from pipeline.stages.loop import open_run
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, digest
 
@@ -227,12 +228,12 @@ def test_bad_input_is_refused_and_nothing_written_is_damaged(local_ray, demo_wor
 
     cfg = config()
     run = tmp_path / "run"
-    run_collect(cfg, run, 0)
+    run_collect(cfg, open_run(cfg, run), 0)
     before = digest(collect_dir(run, 0))
     changed = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, max_new_tokens=7))
     with pytest.raises(CiterError, match="different config: collect.max_new_tokens changed"):
         (collect_dir(run, 0) / DONE).unlink()
-        run_collect(changed, run, 0)
+        run_collect(changed, open_run(changed, run), 0)
     assert digest(collect_dir(run, 0)) == before
 
 

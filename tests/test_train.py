@@ -27,6 +27,7 @@ from pipeline.rundir import TRAIN_DIR, collect_dir, iteration_dir
 from pipeline.shards import is_validation, read_labels
 from pipeline.stages.collect import run_collect
 from pipeline.stages.evaluate import evaluate_methods
+from pipeline.stages.loop import open_run, run_loop
 from pipeline.stages.train import fit_router
 from pipeline.tasks import load_examples
 from tests.conftest import DEMO_CONFIG, ROOT, run_citer
@@ -44,7 +45,7 @@ def config(*overrides: str):
 def labelled(local_ray, demo_world, tmp_path_factory) -> Path:
     """A run directory whose iteration 0 is collected from the demo world's 2,000 training problems."""
     run = tmp_path_factory.mktemp("labelled") / "run"
-    run_collect(config(), run, 0)
+    run_collect(config(), open_run(config(), run), 0)
     return run
 
 
@@ -148,11 +149,17 @@ def test_bad_deepspeed_config_shards_and_collect_dir_are_refused(labelled, tmp_p
     assert "key 'deepspeed.extra.zero_optimisation': not a DeepSpeed config key (did you mean " \
            "'deepspeed.extra.zero_optimization'?)" in proc.stderr and "demo.yaml" in proc.stderr
 
+    # Refused when a start opens the run, before any stage (so never recorded: the fixed config would
+    # then be refused as a different one), and by the train stage itself.
     run = copy_labels(labelled, tmp_path / "run")
-    with pytest.raises(CiterError, match="DeepSpeed rejected the config .*: offload_everything: Extra inputs are "
-                                         r"not permitted \(in DeepSpeed's DeepSpeedZeroConfig\)"):
-        fit_router(config("deepspeed.extra.zero_optimization={offload_everything: true}"), run, 0)
-    assert not (run / "run.json").exists()  # a refused config is not recorded
+    bad = config("deepspeed.extra.zero_optimization={offload_everything: true}")
+    for step in (lambda: run_loop(bad, tmp_path / "loop"), lambda: open_run(bad, run), lambda: fit_router(bad, run, 0)):
+        with pytest.raises(CiterError, match="DeepSpeed rejected the config .*: offload_everything: Extra inputs are "
+                                             r"not permitted \(in DeepSpeed's DeepSpeedZeroConfig\)"):
+            step()
+    assert not (run / "run.json").exists() and not (tmp_path / "loop").exists()  # the loop collected nothing
+    open_run(config(), run)
+    assert json.loads((run / "run.json").read_text())["config"]["deepspeed"]["extra"] == {}
 
     shard = sorted(collect_dir(run, 0).glob("part-*.parquet"))[1]
     table = pq.read_table(shard)

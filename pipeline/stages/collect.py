@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ from pipeline.rundir import (
     AUDIT_JSONL,
     DONE,
     RUN_JSON,
-    check_run_config,
     collect_dir,
     iteration_dir,
     read_collect_summary,
@@ -46,6 +45,9 @@ from pipeline.rundir import (
 from pipeline.shards import labels_table, read_labels, read_shard, shard_reads
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 from pipeline.tasks import Example, load_examples
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,8 @@ class TokenLabeler:
 # The stage
 
 
-def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[Example]) -> dict[str, Any]:
+def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[Example],
+                 tok: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What the stage's shards hold: rows, cases, label share, the counts the shards' metadata
     carry, and the shortcut audit's figures (its disagreements written to audit.jsonl)."""
     files = sorted(collect_dir(run, iteration).glob("part-*.parquet"))
@@ -187,7 +190,7 @@ def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[E
     cases = np.asarray(table.column("case"))
     audit = audit_summary(table) if audit_rate > 0 else None
     if audit is not None:
-        write_audit_examples(cfg, run, iteration, table, examples)
+        write_audit_examples(cfg, run, iteration, table, examples, tok)
     return {
         "rows": table.num_rows,
         "cases": {str(c): int((cases == c).sum()) for c in (1, 2, 3)},
@@ -202,12 +205,11 @@ def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[E
 
 
 def write_audit_examples(cfg: Config, run: StoragePath, iteration: int, table: pa.Table,
-                         examples: list[Example]) -> None:
+                         examples: list[Example], tok: PreTrainedTokenizerBase) -> None:
     """A few tokens the audit's rollouts decided against the shortcut, as text, in iter-NNN/audit.jsonl."""
     from pipeline.labelling import encode_reference
-    from pipeline.models import end_of_turn_id, load_tokenizer
+    from pipeline.models import end_of_turn_id
 
-    tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
     end_id = end_of_turn_id(tok, cfg.models.chat_template)
     by_id = {ex.id: ex for ex in examples}
     wanted = set(table.filter(table.column("audit_slm_correct").is_valid()).column("example_id").to_pylist())
@@ -216,15 +218,14 @@ def write_audit_examples(cfg: Config, run: StoragePath, iteration: int, table: p
     atomic_write_text(iteration_dir(run, iteration) / AUDIT_JSONL, audit_jsonl(audit_examples(table, references, tok)))
 
 
-def check_lengths(cfg: Config, examples: list[Example]) -> None:
+def check_lengths(cfg: Config, examples: list[Example], tok: PreTrainedTokenizerBase) -> None:
     """Refuse, before any actor starts, an example whose prompt + reference is empty or does not
     fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
     from transformers import AutoConfig
 
     from pipeline.labelling import context_length, encode_reference
-    from pipeline.models import end_of_turn_id, load_tokenizer
+    from pipeline.models import end_of_turn_id
 
-    tok = load_tokenizer(cfg.models.slm, cfg.models.trust_remote_code)
     end_id = end_of_turn_id(tok, cfg.models.chat_template)
     limit = context_length(*(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code)
                              for name in (cfg.models.slm, cfg.models.llm)))
@@ -254,12 +255,11 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
         raise CiterError(f"iteration {iteration} rolls out under the router of iteration {iteration - 1}, but "
                          f"{router_dir(run, iteration - 1)} does not exist")
     run.mkdir(parents=True, exist_ok=True)
-    check_run_config(cfg, run)
     from pipeline.models import check_pair
 
     examples = load_examples(cfg.task, "train", limit=cfg.collect.n_examples)
-    check_pair(cfg.models)
-    check_lengths(cfg, examples)
+    tok = check_pair(cfg.models)
+    check_lengths(cfg, examples, tok)
     shards = plan_shards(examples, cfg.collect.shard_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".part-*.tmp"):  # left by a killed writer; never read
@@ -280,7 +280,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
     summary = {"iteration": iteration, "examples": len(examples), "shards": len(shards),
-               **label_counts(cfg, run, iteration, examples), "seconds": seconds, "rows_labelled_now": labelled,
+               **label_counts(cfg, run, iteration, examples, tok), "seconds": seconds, "rows_labelled_now": labelled,
                "rows_per_s": labelled / seconds if labelled else None,
                "wall_seconds": time.perf_counter() - started}  # the whole stage, in the call that completed it
     atomic_write_json(done, summary)

@@ -5,6 +5,9 @@ collect stage skips its complete shards, a train stage continues from its last c
 evaluation decodes only the shards missing from its eval-parts/. Iteration 0's baselines (random,
 confidence, query routing) are reused by later iterations: they do not depend on the router. The
 run directory's layout is in pipeline.rundir.
+
+A start opens its run once (`open_run`): the config is checked whole, then recorded in run.json or
+compared with the record there. The stages work in an opened run and do not check it again.
 """
 
 from __future__ import annotations
@@ -54,12 +57,24 @@ def evaluate_iteration(cfg: Config, run: StoragePath, iteration: int) -> tuple[d
     return result, time.perf_counter() - t0
 
 
+def open_run(cfg: Config, run: str | StoragePath | None = None) -> StoragePath:
+    """The run directory (`default_run_dir` when None), opened for `cfg`: DeepSpeed parses its
+    section first, so that a config it rejects is never recorded (run.json would refuse the fixed
+    one as a different config); then run.json records the config on first use, or refuses one that
+    changed what the run already holds (`rundir.check_run_config`)."""
+    from pipeline.stages.train import check_deepspeed_config, deepspeed_config
+
+    run = run_path(run) if run is not None else default_run_dir(cfg)
+    check_deepspeed_config(deepspeed_config(cfg))
+    check_run_config(cfg, run)
+    return run
+
+
 def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any]:
     """Run (or resume) every iteration; return the last iteration's eval result."""
     from pipeline.stages.train import fit_router
 
-    run = run_path(run) if run is not None else default_run_dir(cfg)
-    check_run_config(cfg, run)
+    run = open_run(cfg, run)
     tracker = Tracker(cfg, run)
     result: dict[str, Any] = {}
     try:

@@ -47,7 +47,6 @@ from pipeline.raysession import ensure_ray, no_gpu_deepspeed, one_line, user_err
 from pipeline.rundir import (
     DONE,
     TRAIN_DIR,
-    check_run_config,
     collect_dir,
     iteration_dir,
     read_train_summary,
@@ -509,7 +508,6 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
     check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
     started = time.perf_counter()
     files, widths = labelled_shards(cfg, run, iteration)
-    check_run_config(cfg, run)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
     spec = router_spec(widths["hidden"], cfg.router, top_k=widths.get("topk", 0),
