@@ -20,7 +20,7 @@ from pipeline.storage import ObjectPath, local_dir, run_path
 from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
 
 SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
-         "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=60", "eval.thresholds=[0.5,0.9]",
+         "train.batch_size_per_worker=64", "train.patience=10", "eval.n_examples=30", "eval.thresholds=[0.5,0.9]",
          "eval.random_ratios=[0.2]", "eval.confidence_thresholds=[0.9]", "eval.query_fractions=[0.2]",
          "eval.refine_steps=0", "loop.iterations=1"]
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B API key that must never be written

@@ -153,13 +153,13 @@ def test_a_mistyped_model_path_is_named_as_such(tmp_path):
 
 def test_citer_train_one_iteration_on_real_gsm8k(smol_world, tmp_path):
     run = tmp_path / "run"
-    overrides = ["collect.n_examples=10", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",
-                 "eval.n_examples=4", "eval.max_new_tokens=32", "eval.methods=[slm,llm,router]",
+    overrides = ["collect.n_examples=6", "collect.max_rollouts_per_example=1", "collect.max_new_tokens=32",
+                 "eval.n_examples=2", "eval.max_new_tokens=32", "eval.methods=[slm,llm,router]",
                  "eval.thresholds=[0.5]", "eval.refine_steps=0", "train.epochs=1", "train.num_workers=1"]
     proc = run_citer("train", str(SMOL_CONFIG), "--run", str(run), *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = json.loads((run / "iter-000" / "collect" / "_DONE").read_text())
-    assert done["examples"] == 10 and done["cases"]["3"] > 0
+    assert done["examples"] == 6 and done["cases"]["3"] > 0
     assert done["rollouts_unfinished"] <= done["cases"]["3"]
     result = json.loads((run / "iter-000" / "eval.json").read_text())
     assert {p["method"] for p in result["points"]} == {"slm", "llm", "router"}
