@@ -19,9 +19,8 @@ from typing import Any
 from pipeline import CiterError
 from pipeline.atomic import atomic_write_text, atomic_writer
 from pipeline.config import Config
-from pipeline.rundir import CONVERGENCE_PNG, DONE, METRICS, read_run_record, recorded_config, update_run_record
+from pipeline.rundir import DONE, METRICS, read_run_record, recorded_config, update_run_record
 from pipeline.runlock import guard_for
-from pipeline.stages.convergence import plot_convergence
 from pipeline.storage import ObjectPath, StoragePath, local_dir, local_image, read_json
 
 log = logging.getLogger(__name__)
@@ -72,12 +71,11 @@ class Tracker:
                  local / "wandb")
         self._copied: dict[str, tuple[int, int]] = {}
 
-    def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: StoragePath) -> None:
-        """Record the iteration, redraw convergence.png over every finished iteration, and log both
-        plots with the metrics (W&B gets no null values: "not reached" is simply absent there; nor the
-        records' nested summaries, which their flat metrics repeat)."""
-        records = write_metrics_record(self.run_dir, metrics)
-        plot_convergence(records, self.run_dir / CONVERGENCE_PNG)
+    def log_iteration(self, metrics: dict[str, Any], result: dict[str, Any], curve: StoragePath,
+                      convergence: StoragePath) -> None:
+        """Log an iteration's metrics, its curve and the convergence plot (W&B gets no null values:
+        "not reached" is simply absent there; nor the records' nested summaries, which their flat
+        metrics repeat)."""
         wandb = self.wandb
         table = wandb.Table(columns=["method", "threshold", "llm_call_ratio", "accuracy"],
                             data=[[p["method"], p["threshold"], p["llm_call_ratio"], p["accuracy"]]
@@ -88,7 +86,7 @@ class Tracker:
                       "curve/plot": wandb.plot.line(table, "llm_call_ratio", "accuracy", stroke="method",
                                                     title=f"Accuracy vs LLM calls, iteration {k}"),
                       "curve/image": wandb.Image(local_image(curve)),
-                      "convergence/image": wandb.Image(local_image(self.run_dir / CONVERGENCE_PNG))})
+                      "convergence/image": wandb.Image(local_image(convergence))})
         self.persist()
 
     def persist(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.atomic import atomic_write_json
 from pipeline.config import Config
 from pipeline.rundir import (
+    CONVERGENCE_PNG,
     CURVE_PNG,
     DONE,
     EVAL_JSON,
@@ -30,9 +31,9 @@ from pipeline.rundir import (
     update_run_record,
 )
 from pipeline.stages.collect import run_collect
-from pipeline.stages.convergence import iteration_metrics
+from pipeline.stages.convergence import iteration_metrics, plot_convergence
 from pipeline.storage import StoragePath, run_path
-from pipeline.tracking import Tracker, read_metrics_records
+from pipeline.tracking import Tracker, read_metrics_records, write_metrics_record
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def run_loop(cfg: Config, run: str | StoragePath | None = None) -> dict[str, Any
             result, eval_seconds = evaluate_iteration(cfg, run, k)
             earlier = [r for r in read_metrics_records(run) if r["iteration"] < k]
             metrics = iteration_metrics(cfg, run, k, collect, train, result, eval_seconds, earlier)
-            tracker.log_iteration(metrics, result, it / CURVE_PNG)
+            plot_convergence(write_metrics_record(run, metrics), run / CONVERGENCE_PNG)  # every finished iteration
+            tracker.log_iteration(metrics, result, it / CURVE_PNG, run / CONVERGENCE_PNG)
             atomic_write_json(it / DONE, metrics)
             log.info("iteration %d done: router AUC %.3f", k, result["auc"].get("router", float("nan")))
         update_run_record(run, progress={"iteration": cfg.loop.iterations, "stage": "done"})
