@@ -90,6 +90,17 @@ def no_gpu_deepspeed() -> None:
         clear_stale_build_lock()
 
 
+def no_shm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory op (deepspeed_shm_comm) when a training
+    worker sets up communication: only DeepSpeed's inference all-reduce uses it, while training
+    reduces through torch.distributed (gloo). The compile took 30 s on 2 cores at the first training
+    start of each new venv or machine (every fresh pod) and needs a C++ compiler. DeepSpeed keeps
+    its table of compatible ops for edits like this one (`deepspeed.ops.__compatible_ops__`)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 # DeepSpeed's CPU accelerator JIT-loads one op through torch's extension loader, which holds a lock
 # file in the op's build folder while it checks or builds it, and never clears one that a killed
 # process left: every later training start on the machine then waits on it forever, silently. A

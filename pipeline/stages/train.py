@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
-from pipeline.raysession import ensure_ray, no_gpu_deepspeed, one_line, user_error
+from pipeline.raysession import ensure_ray, no_gpu_deepspeed, no_shm_op, one_line, user_error
 from pipeline.rundir import (
     DONE,
     TRAIN_DIR,
@@ -219,6 +219,7 @@ def start_engine(config: dict[str, Any], cfg: Config, rank: int) -> tuple[Any, d
 
     from pipeline.router import Router, read_weights, spec_from_dict
 
+    no_shm_op()
     router = Router(spec_from_dict(config["spec"]))
     if config.get("warm_start"):
         router.load_state_dict(read_weights(config["warm_start"], "warm-start router"))
