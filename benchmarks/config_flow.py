@@ -144,8 +144,7 @@ def follow(source: Source, entry: Function, held: set[str], broad: bool) -> list
     return path
 
 
-def measure(root: Path, broad: bool) -> dict:
-    source = Source(root)
+def measure(source: Source, broad: bool) -> dict:
     modules = [m for m, _ in follow(source, source.find("run_loop"), {"cfg"}, broad)]
     stops = [m for i, m in enumerate(modules) if i == 0 or modules[i - 1] != m]
     entered = Counter(stops)
@@ -167,9 +166,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        old = baseline_tree(args.baseline, Path(tmp))
-        figures = {mode: {"ours": measure(ROOT, mode == "broad"), "baseline": measure(old, mode == "broad")}
-                   for mode in ("strict", "broad")}
+        ours, baseline = Source(ROOT), Source(baseline_tree(args.baseline, Path(tmp)))
+    figures = {mode: {"ours": measure(ours, mode == "broad"), "baseline": measure(baseline, mode == "broad")}
+               for mode in ("strict", "broad")}
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(f"following the config from run_loop: this tree ({head.stdout.strip()}) vs {args.baseline}")
     print(f"{'':8} {'':>9} {'ours':>6} {'baseline':>9} {'ratio':>6}")
@@ -181,8 +180,7 @@ def main() -> None:
     for mode, pair in figures.items():
         print(f"\n{mode}, modules entered more than once (ours):",
               ", ".join(f"{m.removeprefix('pipeline.')} {n}" for m, n in pair["ours"]["entries"].items() if n > 1))
-        print(f"{mode} path (ours): {' -> '.join(pair['ours']['path'])}" if mode == "strict" else "", end="")
-    print()
+    print(f"\nstrict path (ours): {' -> '.join(figures['strict']['ours']['path'])}")
     if args.json:
         args.json.write_text(json.dumps({"baseline": args.baseline, "head": head.stdout.strip(), **figures}, indent=1))
         print(f"wrote {args.json}")
