@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,7 +86,6 @@ def no_gpu_deepspeed() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        clear_stale_build_lock()
 
 
 def no_shm_op() -> None:
@@ -99,28 +97,6 @@ def no_shm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-# DeepSpeed's CPU accelerator JIT-loads one op through torch's extension loader, which holds a lock
-# file in the op's build folder while it checks or builds it, and never clears one that a killed
-# process left: every later training start on the machine then waits on it forever, silently. A
-# build takes seconds (10-20 s the first time on 2 cores); a lock this old is a dead process's.
-STALE_BUILD_LOCK_SECONDS = 300
-
-
-def clear_stale_build_lock(op: str = "deepspeed_shm_comm") -> None:
-    """Remove the op's build lock when it is older than STALE_BUILD_LOCK_SECONDS (see above)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(op, False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_BUILD_LOCK_SECONDS:
-        log.warning("removed %s, left %.0f s ago by a process killed while DeepSpeed loaded its CPU op: training "
-                    "would have waited for it forever", lock, age)
-        lock.unlink(missing_ok=True)
 
 
 def ensure_ray() -> None:

@@ -4,7 +4,6 @@ environment every Ray process gets."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -76,27 +75,3 @@ def test_actors_get_the_drivers_lease_beside_the_environment_of_every_ray_proces
         rows = list(shards_on_actors(ReportEnvironment, ITEMS[:1], {}, cfg, "test"))
     assert json.loads(rows[0]["fences"]) == [{"location": str(tmp_path / "run"), "token": lock.token}]
     assert rows[0]["threads"] == RAY_WORKER_ENV["OMP_NUM_THREADS"]
-
-
-def test_a_build_lock_left_by_a_killed_process_no_longer_stops_training_forever(tmp_path, monkeypatch):
-    """torch's extension loader waits forever on a lock file a killed process left in DeepSpeed's op
-    build folder (a kill of the driver during a training start left one on this machine, and every
-    later start hung); one older than a build can take is removed, a fresh one (a build under way)
-    kept."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    from pipeline.raysession import STALE_BUILD_LOCK_SECONDS, clear_stale_build_lock
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = Path(_get_build_directory("deepspeed_shm_comm", False)) / "lock"
-    assert lock.is_relative_to(tmp_path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    clear_stale_build_lock()
-    assert lock.exists()  # someone may be building right now
-    old = time.time() - STALE_BUILD_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
-    clear_stale_build_lock()
-    assert not lock.exists()

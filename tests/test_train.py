@@ -218,16 +218,21 @@ def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
 def _round_trip_every_stage(port: int) -> None:
     """In a process of its own (one-rank gloo group): for ZeRO 0-3, with and without bf16, a step
     of a DeepSpeed engine built from citer's config, saved, then loaded into a fresh engine through
-    the safe checkpoint engine. Prints one line per case."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      DS_ACCELERATOR="cpu")
+    the safe checkpoint engine. Prints one line per case, then what torch's extension loader built
+    (nothing: DeepSpeed's CPU op is skipped, as in a training worker)."""
     import tempfile
+
+    extensions = tempfile.mkdtemp()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions)
 
     import deepspeed
 
+    from pipeline.raysession import no_shm_op
     from pipeline.router import Router, RouterSpec
     from pipeline.stages.train import deepspeed_config, full_state_dict, use_safe_checkpoint_engine
 
+    no_shm_op()  # as a training worker does
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in (0, 1, 2, 3):
         for bf16 in (False, True):
@@ -253,6 +258,7 @@ def _round_trip_every_stage(port: int) -> None:
             print(f"stage {stage} bf16 {bf16} epoch {client['citer']['epoch']} equal "
                   f"{all(torch.equal(a[k], b[k]) for k in a)} linear {dtypes['net.0.weight']} batchnorm "
                   f"{sorted(batchnorm)}", flush=True)
+    print("built", sorted(p.name for p in Path(extensions).rglob("*")), flush=True)
 
 
 @pytest.mark.slow
@@ -268,3 +274,4 @@ def test_every_zero_stage_with_and_without_bf16_resumes_through_the_safe_engine(
     low = {False: "['torch.float32', 'torch.int64']", True: "['torch.bfloat16', 'torch.float32', 'torch.int64']"}
     assert lines == [f"stage {s} bf16 {b} epoch 1 equal True linear {'torch.bfloat16' if b else 'torch.float32'} "
                      f"batchnorm {low[b]}" for s in range(4) for b in (False, True)]
+    assert "built []" in proc.stdout.splitlines()  # no op compiled: a fresh venv's first training start waited 30 s
