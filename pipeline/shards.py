@@ -1,5 +1,6 @@
 """Labelled shards: the Parquet rows the collect stage writes and the train stage and the
-convergence figures read, and the split of their tokens into training and validation by example.
+convergence figures read, the train stage's checks of an iteration's shards, and the split of
+their tokens into training and validation by example.
 
 One row per reference token (`SCHEMA`): the example and position, the token and both models'
 greedy tokens there, the SLM's hidden state (float16), the label (1 = the SLM suffices), the case
@@ -11,13 +12,15 @@ sampled whether the rollouts from the SLM's and from the LLM's token were (`AUDI
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import CiterError
-from pipeline.rundir import collect_dir
+from pipeline.rundir import DONE, collect_dir
 from pipeline.storage import StoragePath, arrow_paths
 
 SCHEMA = pa.schema([
@@ -105,6 +108,60 @@ def read_labels(run: str | StoragePath, iteration: int, columns: list[str] | Non
         columns = ["example_id", "position", *[c for c in columns if c not in ("example_id", "position")]]
     table = pa.concat_tables([read_shard(f, columns).replace_schema_metadata(None) for f in files])
     return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
+
+
+def labelled_shards(run: StoragePath, iteration: int, features: tuple[str, ...], hidden: int,
+                    slm: str) -> tuple[list[StoragePath], dict[str, int]]:
+    """The iteration's complete shards and the width of each of the router's `features` in them
+    (`hidden` is the size of the SLM `slm`'s hidden state); refuse a missing or unfinished collect
+    stage, shards whose hidden states do not have that size, or shards without a column a
+    feature needs."""
+    directory = collect_dir(run, iteration)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise CiterError(f"{directory}: no labelled shards to train on (run `citer collect CONFIG --run {run} "
+                         f"--iteration {iteration}` first)")
+    if not (directory / DONE).is_file():
+        raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
+                         "finish it before training")
+    columns = dict(zip(features, feature_columns(features), strict=True))
+    widths = {"hidden": hidden}
+    wheres, fs = arrow_paths(files)
+    for f, where in zip(files, wheres, strict=True):
+        try:
+            with pq.ParquetFile(where, filesystem=fs) as shard:
+                missing = [c for c in columns.values() if c not in shard.schema_arrow.names]
+                if missing:
+                    raise CiterError(f"{f}: no column {missing[0]}, which router.features="
+                                     f"{list(features)} reads; these labels were collected for other "
+                                     "router features: collect again")
+                first = shard.read_row_group(0, columns=sorted({"slm_hidden", *columns.values()}))
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(f, e) from None
+        if first.num_rows and len(first.column("slm_hidden")[0]) != hidden:
+            raise CiterError(f"{f}: field 'slm_hidden' has {len(first.column('slm_hidden')[0])} values per token, "
+                             f"but the SLM {slm} has hidden size {hidden}; these labels were collected "
+                             "with another SLM")
+        for name, column in columns.items():
+            if first.num_rows and name != "hidden":
+                widths[name] = len(first.column(column)[0])
+    return files, widths
+
+
+def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
+    """Rows and label shares of the train and validation splits, from the label column alone."""
+    table = read_labels(run, iteration, columns=["label"])
+    ids = table.column("example_id").to_pylist()
+    labels = np.asarray(table.column("label"), dtype=np.int64)
+    val = np.fromiter((is_validation(i, seed, fraction) for i in ids), dtype=bool, count=len(ids))
+    out = {"train_rows": int((~val).sum()), "val_rows": int(val.sum()),
+           "train_label_1_share": float(labels[~val].mean()) if (~val).any() else math.nan,
+           "val_label_1_share": float(labels[val].mean()) if val.any() else math.nan,
+           "train_examples": len(set(np.asarray(ids)[~val])), "val_examples": len(set(np.asarray(ids)[val]))}
+    if not out["train_rows"] or not out["val_rows"]:
+        raise CiterError(f"train.val_fraction={fraction} leaves {out['train_examples']} training and "
+                         f"{out['val_examples']} validation examples; both splits need examples")
+    return out
 
 
 def seeded_unit(seed: int, key: str) -> float:

@@ -36,10 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.config import Config, from_dict
@@ -47,13 +43,12 @@ from pipeline.raysession import ensure_ray, no_gpu_deepspeed, no_shm_op, one_lin
 from pipeline.rundir import (
     DONE,
     TRAIN_DIR,
-    collect_dir,
     iteration_dir,
     read_train_summary,
     router_dir,
 )
 from pipeline.runlock import fence_for
-from pipeline.shards import damaged_shard, feature_columns, is_validation, read_labels, to_arrays
+from pipeline.shards import feature_columns, labelled_shards, split_counts, to_arrays
 from pipeline.storage import StoragePath, arrow_paths, location_text, run_path
 
 log = logging.getLogger(__name__)
@@ -105,61 +100,6 @@ def check_deepspeed_config(ds_config: dict[str, Any]) -> None:
             detail = f"{type(e).__name__}: {e}"
         raise CiterError(f"DeepSpeed rejected the config built from 'deepspeed' and 'deepspeed.extra': {detail}") \
             from None
-
-
-def labelled_shards(cfg: Config, run: StoragePath, iteration: int) -> tuple[list[StoragePath], dict[str, int]]:
-    """The iteration's complete shards and the width of each router feature in them (`hidden` is
-    the SLM's hidden size); refuse a missing or unfinished collect stage, shards whose hidden
-    states do not have that size, or shards without a column `router.features` needs."""
-    from transformers import AutoConfig
-
-    directory = collect_dir(run, iteration)
-    files = sorted(directory.glob("part-*.parquet"))
-    if not files:
-        raise CiterError(f"{directory}: no labelled shards to train on (run `citer collect CONFIG --run {run} "
-                         f"--iteration {iteration}` first)")
-    if not (directory / DONE).is_file():
-        raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
-                         "finish it before training")
-    hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
-    features = dict(zip(cfg.router.features, feature_columns(cfg.router.features), strict=True))
-    widths = {"hidden": hidden}
-    wheres, fs = arrow_paths(files)
-    for f, where in zip(files, wheres, strict=True):
-        try:
-            with pq.ParquetFile(where, filesystem=fs) as shard:
-                missing = [c for c in features.values() if c not in shard.schema_arrow.names]
-                if missing:
-                    raise CiterError(f"{f}: no column {missing[0]}, which router.features="
-                                     f"{list(cfg.router.features)} reads; these labels were collected for other "
-                                     "router features: collect again")
-                first = shard.read_row_group(0, columns=sorted({"slm_hidden", *features.values()}))
-        except (pa.ArrowException, OSError) as e:
-            raise damaged_shard(f, e) from None
-        if first.num_rows and len(first.column("slm_hidden")[0]) != hidden:
-            raise CiterError(f"{f}: field 'slm_hidden' has {len(first.column('slm_hidden')[0])} values per token, "
-                             f"but the SLM {cfg.models.slm} has hidden size {hidden}; these labels were collected "
-                             "with another SLM")
-        for name, column in features.items():
-            if first.num_rows and name != "hidden":
-                widths[name] = len(first.column(column)[0])
-    return files, widths
-
-
-def split_counts(run: StoragePath, iteration: int, seed: int, fraction: float) -> dict[str, Any]:
-    """Rows and label shares of the train and validation splits, from the label column alone."""
-    table = read_labels(run, iteration, columns=["label"])
-    ids = table.column("example_id").to_pylist()
-    labels = np.asarray(table.column("label"), dtype=np.int64)
-    val = np.fromiter((is_validation(i, seed, fraction) for i in ids), dtype=bool, count=len(ids))
-    out = {"train_rows": int((~val).sum()), "val_rows": int(val.sum()),
-           "train_label_1_share": float(labels[~val].mean()) if (~val).any() else math.nan,
-           "val_label_1_share": float(labels[val].mean()) if val.any() else math.nan,
-           "train_examples": len(set(np.asarray(ids)[~val])), "val_examples": len(set(np.asarray(ids)[val]))}
-    if not out["train_rows"] or not out["val_rows"]:
-        raise CiterError(f"train.val_fraction={fraction} leaves {out['train_examples']} training and "
-                         f"{out['val_examples']} validation examples; both splits need examples")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,9 +446,12 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         log.info("train stage of iteration %d is complete (%s); skipping", iteration, done)
         return read_train_summary(done)
     ds_config = deepspeed_config(cfg)
-    check_deepspeed_config(ds_config)  # before anything is recorded in the run directory
+    check_deepspeed_config(ds_config)  # before the stage writes anything (a start's open_run checked it too)
+    from transformers import AutoConfig
+
     started = time.perf_counter()
-    files, widths = labelled_shards(cfg, run, iteration)
+    hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
+    files, widths = labelled_shards(run, iteration, cfg.router.features, hidden, cfg.models.slm)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
     spec = router_spec(widths["hidden"], cfg.router, top_k=widths.get("topk", 0),
