@@ -177,7 +177,7 @@ class TokenLabeler:
 # The stage
 
 
-def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[Example],
+def label_counts(cfg: Config, run: StoragePath, iteration: int, references: dict[str, list[int]],
                  tok: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What the stage's shards hold: rows, cases, label share, the counts the shards' metadata
     carry, and the shortcut audit's figures (its disagreements written to audit.jsonl)."""
@@ -190,7 +190,8 @@ def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[E
     cases = np.asarray(table.column("case"))
     audit = audit_summary(table) if audit_rate > 0 else None
     if audit is not None:
-        write_audit_examples(cfg, run, iteration, table, examples, tok)
+        atomic_write_text(iteration_dir(run, iteration) / AUDIT_JSONL,
+                          audit_jsonl(audit_examples(table, references, tok)))
     return {
         "rows": table.num_rows,
         "cases": {str(c): int((cases == c).sum()) for c in (1, 2, 3)},
@@ -204,23 +205,11 @@ def label_counts(cfg: Config, run: StoragePath, iteration: int, examples: list[E
     }
 
 
-def write_audit_examples(cfg: Config, run: StoragePath, iteration: int, table: pa.Table,
-                         examples: list[Example], tok: PreTrainedTokenizerBase) -> None:
-    """A few tokens the audit's rollouts decided against the shortcut, as text, in iter-NNN/audit.jsonl."""
-    from pipeline.labelling import encode_reference
-    from pipeline.models import end_of_turn_id
-
-    end_id = end_of_turn_id(tok, cfg.models.chat_template)
-    by_id = {ex.id: ex for ex in examples}
-    wanted = set(table.filter(table.column("audit_slm_correct").is_valid()).column("example_id").to_pylist())
-    references = {i: encode_reference(tok, by_id[i], chat_template=cfg.models.chat_template, end_id=end_id,
-                                      system_prompt=cfg.task.system_prompt)[1] for i in wanted}
-    atomic_write_text(iteration_dir(run, iteration) / AUDIT_JSONL, audit_jsonl(audit_examples(table, references, tok)))
-
-
-def check_lengths(cfg: Config, examples: list[Example], tok: PreTrainedTokenizerBase) -> None:
-    """Refuse, before any actor starts, an example whose prompt + reference is empty or does not
-    fit the models' context: the labelling core's own check, with the tokenizer and configs only."""
+def encode_references(cfg: Config, examples: list[Example], tok: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """Each example's reference ids (`labelling.encode_reference`), refusing, before any actor
+    starts, an example whose prompt + reference is empty or does not fit the models' context: the
+    labelling core's own check, with the tokenizer and configs only. The shortcut audit's text
+    reads the same ids."""
     from transformers import AutoConfig
 
     from pipeline.labelling import context_length, encode_reference
@@ -229,12 +218,14 @@ def check_lengths(cfg: Config, examples: list[Example], tok: PreTrainedTokenizer
     end_id = end_of_turn_id(tok, cfg.models.chat_template)
     limit = context_length(*(AutoConfig.from_pretrained(name, trust_remote_code=cfg.models.trust_remote_code)
                              for name in (cfg.models.slm, cfg.models.llm)))
+    references = {}
     for ex in examples:
         try:
-            encode_reference(tok, ex, chat_template=cfg.models.chat_template, end_id=end_id, max_length=limit,
-                             system_prompt=cfg.task.system_prompt)
+            references[ex.id] = encode_reference(tok, ex, chat_template=cfg.models.chat_template, end_id=end_id,
+                                                 max_length=limit, system_prompt=cfg.task.system_prompt)[1]
         except CiterError as e:
             raise CiterError(f"{cfg.task.train_path}: {e}; shorten or drop that row") from None
+    return references
 
 
 def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str, Any]:
@@ -259,7 +250,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
 
     examples = load_examples(cfg.task, "train", limit=cfg.collect.n_examples)
     tok = check_pair(cfg.models)
-    check_lengths(cfg, examples, tok)
+    references = encode_references(cfg, examples, tok)
     shards = plan_shards(examples, cfg.collect.shard_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".part-*.tmp"):  # left by a killed writer; never read
@@ -280,7 +271,7 @@ def run_collect(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str
             labelled += row["rows"]
     seconds = time.perf_counter() - t0
     summary = {"iteration": iteration, "examples": len(examples), "shards": len(shards),
-               **label_counts(cfg, run, iteration, examples, tok), "seconds": seconds, "rows_labelled_now": labelled,
+               **label_counts(cfg, run, iteration, references, tok), "seconds": seconds, "rows_labelled_now": labelled,
                "rows_per_s": labelled / seconds if labelled else None,
                "wall_seconds": time.perf_counter() - started}  # the whole stage, in the call that completed it
     atomic_write_json(done, summary)
