@@ -299,7 +299,8 @@ def run_eval(cfg: Config, out_dir: str | StoragePath, router_dir: str | StorageP
     decoded = decode_on_actors(cfg, examples, runs, out / EVAL_PARTS, router_dir)
     refined = [m for m in ("router", "confidence") if m in cfg.eval.methods
                and (m != "router" or router_dir is not None) and (m == "router" or baselines is None)]
-    result = refine_sweeps(cfg, examples, decoded, out / EVAL_PARTS, router_dir, baselines, refined)
+    decoded = refine_sweeps(cfg, examples, decoded, out / EVAL_PARTS, router_dir, baselines, refined)
+    result = assemble(cfg, len(examples), decoded, baselines)
     result["wall_seconds"] = time.perf_counter() - started  # the whole stage, in the call that completed it
     plot_curve(result, out / "curve.png")
     atomic_write_json(out / "eval.json", result)  # last: its presence marks the stage complete
@@ -337,17 +338,18 @@ def decode_on_actors(cfg: Config, examples: list[Example], runs: list[list], par
 
 def refine_sweeps(cfg: Config, examples: list[Example], decoded: list[dict[str, dict[str, Any]]], parts: StoragePath,
                   router_dir: str | StoragePath | None, baselines: dict[str, Any] | None,
-                  methods: list[str]) -> dict[str, Any]:
+                  methods: list[str]) -> list[dict[str, dict[str, Any]]]:
     """Refine each of `methods`' sweeps around the target accuracy: while the two points that
     bracket it are more than `eval.refine_tolerance` apart in LLM-call ratio, decode the threshold
     halfway between theirs (at most `eval.refine_steps` times a method). The methods refine side
     by side: each step decodes every unfinished method's next threshold in one pass over the actor
-    pool, in a part folder of its own, so a rerun finds every step's decodes. Returns the assembled
-    result over every decode."""
-    result = assemble(cfg, len(examples), decoded, baselines)
+    pool, in a part folder of its own, so a rerun finds every step's decodes. Returns every
+    shard's decodes, refined ones added; a step reads only the curve (`sweep_points`), and the
+    intervals are computed once, over them all (`assemble`)."""
+    curve = sweep_points(cfg, decoded, baselines)
     active = list(methods)
     for _ in range(cfg.eval.refine_steps):
-        step = {m: t for m in active if (t := bisection_threshold(result, m, cfg.eval.refine_tolerance)) is not None}
+        step = {m: t for m in active if (t := bisection_threshold(curve, m, cfg.eval.refine_tolerance)) is not None}
         if not step:
             break
         active = list(step)
@@ -356,12 +358,12 @@ def refine_sweeps(cfg: Config, examples: list[Example], decoded: list[dict[str, 
                                 router_dir)
         decoded = [{**d, **{f"{keys[run['method']]}:{label}": run for label, run in shard.items()}}
                    for d, shard in zip(decoded, more, strict=True)]
-        result = assemble(cfg, len(examples), decoded, baselines)
+        curve = sweep_points(cfg, decoded, baselines)
         for method, threshold in step.items():
-            point = next(p for p in result["points"] if p["method"] == method and p["threshold"] == threshold)
+            point = next(p for p in curve["points"] if p["method"] == method and p["threshold"] == threshold)
             log.info("refined the %s sweep at threshold %.6g: %.1f%% LLM tokens, %.1f%% accuracy", method,
                      threshold, 100 * point["llm_call_ratio"], 100 * point["accuracy"])
-    return result
+    return decoded
 
 
 def target_bracket(result: dict[str, Any], method: str) -> tuple[tuple, tuple] | None:
@@ -413,13 +415,11 @@ def eval_signature(cfg: Config, router_dir: str | StoragePath | None, runs: list
 BASELINES = ("slm", "llm", "random", "confidence", "query", "speculative")  # the router's points aside
 
 
-def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]],
-             baselines: dict[str, Any] | None = None) -> dict[str, Any]:
-    """eval.json's content from the decoded shards (`decode_runs`), and from `baselines` for
-    every method but the router when given: points, AUCs and accuracy at 10/20/30% LLM tokens
-    (over the configured points), the LLM calls each method needs to reach the LLM's accuracy
-    minus 1 point (over every point, refined ones too), bootstrap intervals and comparisons
-    (`evidence`), the length breakdown and the time per generated token."""
+def sweep_points(cfg: Config, parts: list[dict[str, dict[str, Any]]],
+                 baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The curve of the decoded shards (`decode_runs`), and of `baselines` for every method but
+    the router when given: the single models' accuracies, the target accuracy (the LLM's minus 1
+    point) and every point in curve order, refined ones too."""
     methods = set(cfg.eval.methods) | {"slm", "llm"}  # the single models anchor every curve and the bootstrap
     merged = merge_parts(parts)
     if baselines is None:
@@ -433,6 +433,18 @@ def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]
         points = [p for p in baselines["points"] if p["method"] in BASELINES and p["method"] in methods]
         points += [run[0] for run in merged.values()]
     points.sort(key=lambda p: (EVAL_METHODS.index(p["method"]), p["threshold"] or 0.0))
+    return {"slm_accuracy": slm_acc, "llm_accuracy": llm_acc, "target_accuracy": llm_acc - TARGET_GAP,
+            "points": points}
+
+
+def assemble(cfg: Config, n_examples: int, parts: list[dict[str, dict[str, Any]]],
+             baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """eval.json's content from the decoded shards' curve (`sweep_points`): its points, AUCs and
+    accuracy at 10/20/30% LLM tokens (over the configured points), the LLM calls each method needs
+    to reach the target accuracy (over every point, refined ones too), bootstrap intervals and
+    comparisons (`evidence`), the length breakdown and the time per generated token."""
+    curve = sweep_points(cfg, parts, baselines)
+    slm_acc, llm_acc, points = curve["slm_accuracy"], curve["llm_accuracy"], curve["points"]
     swept = sorted({p["method"] for p in points} - {"slm", "llm", "speculative"})
     configured = {m: [p for p in points if p["method"] == m and not p.get("refined")] for m in swept}
     auc = {m: area_under_curve(configured[m], slm_acc, llm_acc) for m in swept}
