@@ -19,7 +19,7 @@ from typing import Any
 from pipeline import CiterError
 from pipeline.atomic import atomic_write_text, atomic_writer
 from pipeline.config import Config
-from pipeline.rundir import DONE, METRICS, read_run_record, recorded_config, update_run_record
+from pipeline.rundir import DONE, METRICS, read_run_record, update_run_record
 from pipeline.runlock import guard_for
 from pipeline.storage import ObjectPath, StoragePath, local_dir, local_image, read_json
 
@@ -38,20 +38,23 @@ def tracking_settings(cfg: Config) -> dict[str, Any]:
 
 class Tracker:
     """Writes each iteration's record to metrics.jsonl and to the run's one W&B run (created on the
-    first start, resumed by the id stored in run.json on every later one)."""
+    first start, resumed by the id stored in run.json on every later one), in an opened run: the
+    W&B run's config is the one run.json records."""
 
     def __init__(self, cfg: Config, run: StoragePath):
         import wandb
 
         self.run_dir = run
         settings = tracking_settings(cfg)
-        record = read_run_record(run) or {}
+        record = read_run_record(run)
+        if record is None:
+            raise CiterError(f"{run}: no run.json; a run is tracked once it is opened (stages.loop.open_run)")
         run_id = record.get("wandb", {}).get("id") or secrets.token_hex(4)
         update_run_record(run, wandb={"id": run_id, **settings})
         local = local_dir(run)  # W&B's files stay on this machine, also for a run in an object store
         (local / "wandb").mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        kwargs = dict(id=run_id, resume="allow", dir=str(local), name=cfg.name, config=recorded_config(cfg),
+        kwargs = dict(id=run_id, resume="allow", dir=str(local), name=cfg.name, config=record["config"],
                       project=settings["project"], entity=settings["entity"], group=settings["group"],
                       mode=settings["mode"], settings=wandb.Settings(console="off", silent=True))
         try:
