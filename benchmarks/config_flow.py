@@ -6,7 +6,9 @@ run). Starting at `run_loop(cfg)`, it follows, in source order, every call to a 
 local computed from those ("broad", which follows the run directory and everything derived from
 the config too). Each such call is followed into its callee with the parameters that received the
 config. The modules entered form a path; calls that stay in one module are one stop. A return is
-a stop in a module the path has already left. A function already on the path is not entered again
+a stop in a module the path has already left; a re-entry is a return into a module none of the
+callers on the way there is in (the config comes back into it from elsewhere, not back to a
+caller that goes on with its next step). A function already on the path is not entered again
 (recursion); a function called twice is followed twice, as the run does.
 
 Calls it cannot resolve statically (methods on objects, functions passed as values, Ray actors)
@@ -111,9 +113,10 @@ def carries(expr: ast.expr, held: set[str], broad: bool) -> bool:
     return isinstance(expr, ast.Name) and expr.id in held
 
 
-def follow(source: Source, entry: Function, held: set[str], broad: bool) -> list[Function]:
-    """Every function the config reaches from `entry`, in the order the source calls them."""
-    path: list[Function] = [entry]
+def follow(source: Source, entry: Function, held: set[str], broad: bool) -> list[tuple[Function, set[str]]]:
+    """Every function the config reaches from `entry`, in the order the source calls them, each
+    with the modules of the callers on the way to it."""
+    path: list[tuple[Function, set[str]]] = [(entry, set())]
 
     def visit(function: Function, held: set[str], chain: list[Function]) -> None:
         node = source.functions[function]
@@ -136,7 +139,7 @@ def follow(source: Source, entry: Function, held: set[str], broad: bool) -> list
             given = {params[i] for i, a in enumerate(step.args) if i < len(params) and carries(a, held, broad)}
             given |= {k.arg for k in step.keywords if k.arg and carries(k.value, held, broad)}
             if given:
-                path.append(callee)
+                path.append((callee, {m for m, _ in chain}))
                 if callee not in chain:
                     visit(callee, given, [*chain, callee])
 
@@ -145,12 +148,13 @@ def follow(source: Source, entry: Function, held: set[str], broad: bool) -> list
 
 
 def measure(source: Source, broad: bool) -> dict:
-    modules = [m for m, _ in follow(source, source.find("run_loop"), {"cfg"}, broad)]
-    stops = [m for i, m in enumerate(modules) if i == 0 or modules[i - 1] != m]
-    entered = Counter(stops)
-    return {"calls": len(modules), "stops": len(stops), "modules": len(entered),
-            "returns": len(stops) - len(entered), "entries": dict(entered.most_common()),
-            "path": [m.removeprefix("pipeline.") for m in stops]}
+    calls = [(module, callers) for (module, _), callers in follow(source, source.find("run_loop"), {"cfg"}, broad)]
+    stops = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1][0] != c[0]]
+    entered = Counter(m for m, _ in stops)
+    reentries = sum(m in {n for n, _ in stops[:i]} and m not in callers for i, (m, callers) in enumerate(stops))
+    return {"calls": len(calls), "stops": len(stops), "modules": len(entered),
+            "returns": len(stops) - len(entered), "re-entries": reentries, "entries": dict(entered.most_common()),
+            "path": [m.removeprefix("pipeline.") for m, _ in stops]}
 
 
 def baseline_tree(rev: str, into: Path) -> Path:
@@ -171,12 +175,12 @@ def main() -> None:
                for mode in ("strict", "broad")}
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(f"following the config from run_loop: this tree ({head.stdout.strip()}) vs {args.baseline}")
-    print(f"{'':8} {'':>9} {'ours':>6} {'baseline':>9} {'ratio':>6}")
+    print(f"{'':8} {'':>10} {'ours':>6} {'baseline':>9} {'ratio':>6}")
     for mode, pair in figures.items():
-        for key in ("calls", "stops", "modules", "returns"):
+        for key in ("calls", "stops", "modules", "returns", "re-entries"):
             ours, theirs = pair["ours"][key], pair["baseline"][key]
             ratio = f"{ours / theirs:6.2f}" if theirs else f"{'-':>6}"
-            print(f"{mode:8} {key:>9} {ours:6d} {theirs:9d} {ratio}")
+            print(f"{mode:8} {key:>10} {ours:6d} {theirs:9d} {ratio}")
     for mode, pair in figures.items():
         print(f"\n{mode}, modules entered more than once (ours):",
               ", ".join(f"{m.removeprefix('pipeline.')} {n}" for m, n in pair["ours"]["entries"].items() if n > 1))
