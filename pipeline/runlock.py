@@ -247,6 +247,7 @@ class RunLock:
         self._renewal: threading.Thread | None = None
         self._renewal_started = 0.0
         self._renewal_outcome: dict[str, Any] = {}
+        self._sigint_ignored = False
 
     @property
     def fence(self) -> Fence:
@@ -289,6 +290,10 @@ class RunLock:
         else:
             raise CiterError(f"{self.run}: other starts kept claiming the run at the same moment; try again")
         _held.append(self)
+        if (self.stop_main_thread and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+            self._sigint_ignored = True
+            signal.signal(signal.SIGINT, self._interrupt_if_lost)
         self._thread = threading.Thread(target=self._heartbeat, name="citer-lease", daemon=True)
         self._thread.start()
 
@@ -386,6 +391,13 @@ class RunLock:
         if self.stop_main_thread and threading.current_thread() is not threading.main_thread():
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    def _interrupt_if_lost(self, signum: int, frame: object) -> None:
+        """SIGINT's handler while the lease is held by a process that started with SIGINT ignored
+        (in the background of a non-interactive shell, `citer train ... &` in a script): the SIGINT
+        `_lose` sends still stops the main thread; any other is ignored, as it was."""
+        if self.lost:
+            raise KeyboardInterrupt
+
     def check(self, written: StoragePath | None = None) -> None:
         """The fence: raise unless this process still holds the lease (see the module's docstring)."""
         if not self.lost and clock() >= self._trusted_until:
@@ -403,6 +415,9 @@ class RunLock:
             self._thread.join()
         if self in _held:
             _held.remove(self)
+        if self._sigint_ignored and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._sigint_ignored = False
         if self.lost:
             return  # write nothing, delete nothing: the run may be another's now
         try:

@@ -40,10 +40,12 @@ except CiterError as e:
 """
 
 
-def start(run: str, start_at: float = 0.0, hold: float = 3600.0, lease: float = 4.0) -> subprocess.Popen:
+def start(run: str, start_at: float = 0.0, hold: float = 3600.0, lease: float = 4.0,
+          ignore_sigint: bool = False) -> subprocess.Popen:
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "-c", START, run, str(start_at), str(hold)], cwd=ROOT,
                             env=citer_env(CITER_LEASE_SECONDS=str(lease)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ignore)
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60.0) -> str:
@@ -162,6 +164,26 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once_and_force_takes_a_l
     t0 = time.monotonic()
     with RunLock(run) as lock:
         assert read_lock(run)["token"] == lock.token and time.monotonic() - t0 < 2
+
+
+def test_a_start_that_ignores_sigint_still_stops_at_once_when_its_lease_is_taken(tmp_path):
+    """`citer train ... &` in a script starts citer with SIGINT ignored, the signal the lease uses
+    to stop the main thread: a SIGINT from outside is still ignored, the lease's own still stops it."""
+    run = str(tmp_path / "run")
+    holder = start(run, lease=8, ignore_sigint=True)
+    try:
+        wait_for_line(holder, "won")
+        os.kill(holder.pid, signal.SIGINT)  # a Ctrl-C meant for the script that started it
+        time.sleep(1)
+        assert holder.poll() is None and read_lock(run)["pid"] == holder.pid
+        with RunLock(run, force=True):
+            t0 = time.monotonic()
+            _, err = holder.communicate(timeout=30)
+        # Its next renewal (every lease/4 = 2 s) finds the lease taken; the fence would stop it only at a write.
+        assert holder.returncode == 2 and "citer train lost the lease of" in err and "Traceback" not in err
+        assert time.monotonic() - t0 < 10
+    finally:
+        kill_session(holder.pid)
 
 
 def test_a_writer_that_lost_the_lease_writes_nothing_and_records_carry_the_token(tmp_path):
