@@ -5,6 +5,7 @@ SmolLM2 world is marked slow: building it takes about a minute, and its tests ta
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,10 @@ BUCKET = "citer"  # the bucket of the `s3` fixture's server
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # Started in the background of a non-interactive shell, which ignores SIGINT in everything it
+    # starts: the processes the tests start get it back, as a terminal's foreground process has it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
