@@ -247,7 +247,7 @@ class RunLock:
         self._renewal: threading.Thread | None = None
         self._renewal_started = 0.0
         self._renewal_outcome: dict[str, Any] = {}
-        self._sigint_ignored = False
+        self._sigint: tuple[Any, bool] | None = None  # SIGINT's handler and mask before `take_sigint`
 
     @property
     def fence(self) -> Fence:
@@ -290,10 +290,8 @@ class RunLock:
         else:
             raise CiterError(f"{self.run}: other starts kept claiming the run at the same moment; try again")
         _held.append(self)
-        if (self.stop_main_thread and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-            self._sigint_ignored = True
-            signal.signal(signal.SIGINT, self._interrupt_if_lost)
+        if self.stop_main_thread and threading.current_thread() is threading.main_thread():
+            self._take_sigint()
         self._thread = threading.Thread(target=self._heartbeat, name="citer-lease", daemon=True)
         self._thread.start()
 
@@ -391,12 +389,16 @@ class RunLock:
         if self.stop_main_thread and threading.current_thread() is not threading.main_thread():
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    def _interrupt_if_lost(self, signum: int, frame: object) -> None:
-        """SIGINT's handler while the lease is held by a process that started with SIGINT ignored
-        (in the background of a non-interactive shell, `citer train ... &` in a script): the SIGINT
-        `_lose` sends still stops the main thread; any other is ignored, as it was."""
-        if self.lost:
-            raise KeyboardInterrupt
+    def _take_sigint(self) -> None:
+        """Make sure the SIGINT `_lose` sends reaches the main thread. A process may start with
+        SIGINT ignored (a background job of a non-interactive shell: `citer train ... &` in a
+        script) or blocked (a Ray job's entrypoint: Ray blocks it in its processes); while it holds
+        the lease, such a process handles SIGINT itself (`_interrupt_if_lost`)."""
+        blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        if blocked or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            self._sigint = signal.signal(signal.SIGINT, _interrupt_if_lost), blocked
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
     def check(self, written: StoragePath | None = None) -> None:
         """The fence: raise unless this process still holds the lease (see the module's docstring)."""
@@ -415,9 +417,12 @@ class RunLock:
             self._thread.join()
         if self in _held:
             _held.remove(self)
-        if self._sigint_ignored and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self._sigint_ignored = False
+        if self._sigint is not None and threading.current_thread() is threading.main_thread():
+            handler, blocked = self._sigint
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+            signal.signal(signal.SIGINT, handler)
+            self._sigint = None
         if self.lost:
             return  # write nothing, delete nothing: the run may be another's now
         try:
@@ -445,6 +450,14 @@ class RunLock:
 
 _held: list[RunLock | Fence] = []
 _env_loaded = False
+
+
+def _interrupt_if_lost(signum: int, frame: object) -> None:
+    """SIGINT's handler while a lease is held by a process that started with SIGINT ignored or
+    blocked (`RunLock._take_sigint`): the SIGINT a lost lease sends stops the main thread; one from
+    outside is ignored, as it was."""
+    if any(isinstance(held, RunLock) and held.lost for held in _held):
+        raise KeyboardInterrupt
 
 
 def _load_env_fences() -> None:

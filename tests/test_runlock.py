@@ -40,12 +40,18 @@ except CiterError as e:
 """
 
 
+# How a start may find SIGINT: ignored (a background job of a non-interactive shell) or blocked (a
+# Ray job's entrypoint).
+SIGINT_AT_START = {"ignored": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                   "blocked": lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])}
+
+
 def start(run: str, start_at: float = 0.0, hold: float = 3600.0, lease: float = 4.0,
-          ignore_sigint: bool = False) -> subprocess.Popen:
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+          sigint: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", START, run, str(start_at), str(hold)], cwd=ROOT,
                             env=citer_env(CITER_LEASE_SECONDS=str(lease)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ignore)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=SIGINT_AT_START.get(sigint))
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60.0) -> str:
@@ -166,11 +172,13 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once_and_force_takes_a_l
         assert read_lock(run)["token"] == lock.token and time.monotonic() - t0 < 2
 
 
-def test_a_start_that_ignores_sigint_still_stops_at_once_when_its_lease_is_taken(tmp_path):
-    """`citer train ... &` in a script starts citer with SIGINT ignored, the signal the lease uses
-    to stop the main thread: a SIGINT from outside is still ignored, the lease's own still stops it."""
+@pytest.mark.parametrize("sigint", ["ignored", "blocked"])
+def test_a_start_whose_sigint_is_ignored_or_blocked_still_stops_when_its_lease_is_taken(tmp_path, sigint):
+    """`citer train ... &` in a script starts citer with SIGINT ignored, and a Ray job's entrypoint
+    with it blocked; SIGINT is what the lease uses to stop the main thread: while the lease is
+    held, a SIGINT from outside is still ignored and the lease's own stops it."""
     run = str(tmp_path / "run")
-    holder = start(run, lease=8, ignore_sigint=True)
+    holder = start(run, lease=8, sigint=sigint)
     try:
         wait_for_line(holder, "won")
         os.kill(holder.pid, signal.SIGINT)  # a Ctrl-C meant for the script that started it
@@ -184,6 +192,21 @@ def test_a_start_that_ignores_sigint_still_stops_at_once_when_its_lease_is_taken
         assert time.monotonic() - t0 < 10
     finally:
         kill_session(holder.pid)
+
+
+@pytest.mark.parametrize("sigint", ["ignored", "blocked"])
+def test_sigint_is_as_it_was_once_the_lease_is_given_back(tmp_path, sigint):
+    before = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    SIGINT_AT_START[sigint]()
+    at_start = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        with RunLock(tmp_path / "run", stop_main_thread=True):
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+            assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])) == at_start
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
+        signal.signal(signal.SIGINT, before[0])
 
 
 def test_a_writer_that_lost_the_lease_writes_nothing_and_records_carry_the_token(tmp_path):
