@@ -110,12 +110,14 @@ def read_labels(run: str | StoragePath, iteration: int, columns: list[str] | Non
     return table.sort_by([("example_id", "ascending"), ("position", "ascending")])
 
 
-def labelled_shards(run: StoragePath, iteration: int, features: tuple[str, ...], hidden: int,
-                    slm: str) -> tuple[list[StoragePath], dict[str, int]]:
+def labelled_shards(run: StoragePath, iteration: int, features: tuple[str, ...], slm: str,
+                    trust_remote_code: bool = False) -> tuple[list[StoragePath], dict[str, int]]:
     """The iteration's complete shards and the width of each of the router's `features` in them
-    (`hidden` is the size of the SLM `slm`'s hidden state); refuse a missing or unfinished collect
+    (`hidden` is the SLM's hidden size, from its config); refuse a missing or unfinished collect
     stage, shards whose hidden states do not have that size, or shards without a column a
     feature needs."""
+    from transformers import AutoConfig
+
     directory = collect_dir(run, iteration)
     files = sorted(directory.glob("part-*.parquet"))
     if not files:
@@ -124,6 +126,7 @@ def labelled_shards(run: StoragePath, iteration: int, features: tuple[str, ...],
     if not (directory / DONE).is_file():
         raise CiterError(f"{directory}: the collect stage is not complete ({DONE} is missing); rerun collect to "
                          "finish it before training")
+    hidden = AutoConfig.from_pretrained(slm, trust_remote_code=trust_remote_code).hidden_size
     columns = dict(zip(features, feature_columns(features), strict=True))
     widths = {"hidden": hidden}
     wheres, fs = arrow_paths(files)

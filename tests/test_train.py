@@ -71,14 +71,19 @@ def val_accuracy(run: Path, router_dir: Path, seed: int = 0, fraction: float = 0
 
 @pytest.fixture(scope="module")
 def trained(labelled, tmp_path_factory) -> tuple[Path, dict]:
-    """The labelled run trained without interruption, and its summary."""
+    """The labelled run trained without interruption, and its summary (with SIGINT's handlers
+    before and after, under "sigint")."""
     run = copy_labels(labelled, tmp_path_factory.mktemp("trained") / "run")
-    return run, fit_router(config(*TRAIN), run, 0)
+    before = signal.getsignal(signal.SIGINT)
+    summary = fit_router(config(*TRAIN), run, 0)
+    return run, {**summary, "sigint": (before, signal.getsignal(signal.SIGINT))}
 
 
 @pytest.mark.slow
 def test_router_beats_the_majority_rate_and_random_routing(trained):
     run, summary = trained
+    before, after = summary["sigint"]
+    assert after is before  # Ray Train's fit() installs its own handler (abort this fit) and leaves it
     best = summary["best"]
     history = summary["history"]
     assert [m["epoch"] for m in history] == list(range(1, summary["epochs_run"] + 1))

@@ -31,7 +31,9 @@ import functools
 import logging
 import math
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -409,6 +411,7 @@ def make_trainer(cfg: Config, run: StoragePath, it_dir: StoragePath, spec, ds_co
 def run_trainer(trainer, iteration: int, it_dir: StoragePath) -> tuple[Any, list[dict[str, Any]]]:
     """Fit; Ray's result and the epochs' metrics in order. A worker's user error reaches the user
     as its own line; any other failure says where the checkpoints to continue from are."""
+    on_sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say which stage failed and where its state is
@@ -416,6 +419,9 @@ def run_trainer(trainer, iteration: int, it_dir: StoragePath) -> tuple[Any, list
             raise found from None
         raise CiterError(f"router training for iteration {iteration} failed ({one_line(e)}); "
                          f"its checkpoints are in {it_dir / TRAIN_DIR}, rerun to continue") from None
+    finally:
+        if on_sigint is not None:  # fit() leaves Ray's handler (abort this fit, else exit 0) in place
+            signal.signal(signal.SIGINT, on_sigint)
     history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     if not history:
         raise CiterError(f"router training for iteration {iteration} reported no epoch")
@@ -447,11 +453,8 @@ def fit_router(cfg: Config, run: str | StoragePath, iteration: int) -> dict[str,
         return read_train_summary(done)
     ds_config = deepspeed_config(cfg)
     check_deepspeed_config(ds_config)  # before the stage writes anything (a start's open_run checked it too)
-    from transformers import AutoConfig
-
     started = time.perf_counter()
-    hidden = AutoConfig.from_pretrained(cfg.models.slm, trust_remote_code=cfg.models.trust_remote_code).hidden_size
-    files, widths = labelled_shards(run, iteration, cfg.router.features, hidden, cfg.models.slm)
+    files, widths = labelled_shards(run, iteration, cfg.router.features, cfg.models.slm, cfg.models.trust_remote_code)
     tc = cfg.train
     counts = split_counts(run, iteration, cfg.seed, tc.val_fraction)
     spec = router_spec(widths["hidden"], cfg.router, top_k=widths.get("topk", 0),
