@@ -247,7 +247,7 @@ class RunLock:
         self._renewal: threading.Thread | None = None
         self._renewal_started = 0.0
         self._renewal_outcome: dict[str, Any] = {}
-        self._sigint: tuple[Any, bool] | None = None  # SIGINT's handler and mask before `take_sigint`
+        self._sigint: tuple[Any, bool] | None = None  # SIGINT handler, was it blocked (`_take_sigint`)
 
     @property
     def fence(self) -> Fence:
