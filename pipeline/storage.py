@@ -64,6 +64,7 @@ def filesystem(base: str, bucket: str) -> Any:
 
 
 READ_ATTEMPTS = 3  # an object's read that breaks off is tried this many times in all
+JSON_READ_ATTEMPTS = 6  # an object that reads as not JSON is read this many times in all (0.1 s, 0.2 s, ... apart)
 # Query options of a storage URI whose values are secrets (pyarrow's S3 and GCS options).
 SECRET_OPTION = re.compile(r"(secret|token|password|access_key|credential)", re.IGNORECASE)
 
@@ -281,14 +282,25 @@ def write_whole(path: StoragePath, data: bytes) -> None:
 
 def read_json(path: StoragePath, expected: str, remedy: str = "") -> Any:
     """A JSON file that citer wrote, or a CiterError naming it, what it should hold and what to do
-    (a file cut short by a bad copy or a full disk, or one edited by hand, reads as damaged)."""
-    try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CiterError(f"{path}: missing; expected {expected}{'; ' + remedy if remedy else ''}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CiterError(f"{path}: damaged, not JSON ({e}); expected {expected}"
-                         f"{'; ' + remedy if remedy else ''}") from None
+    (a file cut short by a bad copy or a full disk, or one edited by hand, reads as damaged).
+
+    An object that another process is replacing (`run.json` while `citer status` reads it) can read
+    torn on S3-compatible stores that do not isolate a read from an overwrite (SeaweedFS returns
+    one version's length with another's bytes): an object that is not JSON is read again, over
+    about 3 seconds, before it is called damaged."""
+    attempt = 1
+    while True:
+        try:
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise CiterError(f"{path}: missing; expected {expected}{'; ' + remedy if remedy else ''}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if isinstance(path, ObjectPath) and attempt < JSON_READ_ATTEMPTS:
+                time.sleep(0.1 * 2 ** (attempt - 1))
+                attempt += 1
+                continue
+            raise CiterError(f"{path}: damaged, not JSON ({e}); expected {expected}"
+                             f"{'; ' + remedy if remedy else ''}") from None
 
 
 def run_path(location: str | os.PathLike | ObjectPath) -> StoragePath:

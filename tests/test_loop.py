@@ -16,7 +16,7 @@ from pipeline.rundir import DONE, check_run_config, collect_dir, iteration_dir
 from pipeline.shards import read_labels
 from pipeline.stages.collect import run_collect
 from pipeline.status import run_status
-from pipeline.storage import ObjectPath, local_dir, run_path
+from pipeline.storage import ObjectPath, local_dir, read_json, run_path
 from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, digest, kill_session, run_citer
 
 SMALL = ["collect.n_examples=96", "collect.shard_size=8", "collect.num_actors=1", "train.epochs=4",
@@ -56,8 +56,8 @@ def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
 
 def progress(run: ObjectPath) -> dict:
     try:
-        return json.loads((run / "run.json").read_text()).get("progress", {})
-    except (OSError, json.JSONDecodeError):
+        return read_json(run / "run.json", "the run record").get("progress", {})
+    except CiterError:  # not written yet
         return {}
 
 

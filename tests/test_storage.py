@@ -18,7 +18,7 @@ import pytest
 from pipeline import CiterError
 from pipeline.atomic import atomic_directory, atomic_write_json
 from pipeline.raysession import check_storage
-from pipeline.storage import ObjectPath, check_reachable, local_dir, run_path
+from pipeline.storage import ObjectPath, check_reachable, local_dir, read_json, run_path
 from tests.conftest import BUCKET, DEMO_CONFIG, ROOT, citer_env, free_port
 
 
@@ -50,6 +50,31 @@ def test_object_paths_read_write_list_and_publish_directories_whole(s3):
     assert not (root / "a" / "x.json").exists() and not list(root.glob("a/*"))
     # W&B's files stay on this machine.
     assert isinstance(local_dir(root), Path) and local_dir(root) != local_dir(run_path(f"s3://{BUCKET}/other"))
+
+
+def test_a_json_object_read_while_another_process_replaces_it_reads_whole(s3, tmp_path):
+    """`citer status` reads run.json while the driver rewrites it. SeaweedFS can serve such a read
+    torn (one version's length, another's bytes); `read_json` reads it again instead of calling
+    the run record damaged. A writer process replaces the object with versions of changing
+    length; every read gives one of them."""
+    target = run_path(f"s3://{BUCKET}/torn/{tmp_path.name}/run.json")
+    versions = [{"i": i, "pad": "x" * (3900 + i % 4)} for i in range(150)]
+    atomic_write_json(target, versions[0])
+    script = (f"from pipeline.atomic import atomic_write_json\nfrom pipeline.storage import run_path\n"
+              f"import time\ntarget = run_path({target.uri!r})\n"
+              f"for i in range(1, {len(versions)}):\n"
+              f"    atomic_write_json(target, {{'i': i, 'pad': 'x' * (3900 + i % 4)}})\n    time.sleep(0.01)\n")
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=citer_env())
+    seen = []
+    try:
+        while writer.poll() is None:
+            seen.append(read_json(target, "a test record"))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == 0 and len(seen) > 20
+    assert all(record == versions[record["i"]] for record in seen)
+    assert seen[-1]["i"] > 0  # the reads overlapped the rewrites
 
 
 def test_unknown_unreachable_or_missing_storage_is_refused_before_any_work(s3, tmp_path):
