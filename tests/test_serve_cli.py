@@ -112,7 +112,9 @@ def test_citer_serve_answers_and_ctrl_c_stops_it_and_its_ray(run, demo_world):
         while session_processes(proc.pid) and time.time() < deadline:
             time.sleep(0.2)
         assert not session_processes(proc.pid), "Ray processes outlived citer serve"
-        assert "Traceback" not in tail, tail
+        # Nothing alarming at shutdown (taking Serve down before Ray printed a raylet "Task
+        # ServeController.graceful_shutdown failed" line).
+        assert "Traceback" not in tail and "failed" not in tail, tail
     finally:
         kill_session(proc.pid)
         if proc.poll() is None:

@@ -189,8 +189,7 @@ def serve_until_interrupted(cfg: Config, router_path: StoragePath, *, threshold:
         log.info("shutting down")
         if on_cluster:
             serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
+        else:  # the embedded Ray takes Serve down with it (serve.shutdown first only adds a raylet error line)
             ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
