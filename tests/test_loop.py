@@ -57,7 +57,7 @@ def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
 def progress(run: ObjectPath) -> dict:
     try:
         return read_json(run / "run.json", "the run record").get("progress", {})
-    except CiterError:  # not written yet
+    except (CiterError, OSError):  # not written yet, or a read that kept breaking off
         return {}
 
 

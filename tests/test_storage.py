@@ -60,11 +60,13 @@ def test_a_json_object_read_while_another_process_replaces_it_reads_whole(s3, tm
     target = run_path(f"s3://{BUCKET}/torn/{tmp_path.name}/run.json")
     versions = [{"i": i, "pad": "x" * (3900 + i % 4)} for i in range(150)]
     atomic_write_json(target, versions[0])
-    script = (f"from pipeline.atomic import atomic_write_json\nfrom pipeline.storage import run_path\n"
-              f"import time\ntarget = run_path({target.uri!r})\n"
-              f"for i in range(1, {len(versions)}):\n"
-              f"    atomic_write_json(target, {{'i': i, 'pad': 'x' * (3900 + i % 4)}})\n    time.sleep(0.01)\n")
-    writer = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=citer_env())
+    (tmp_path / "versions.json").write_text(json.dumps(versions[1:]))
+    script = ("import json, sys, time\nfrom pathlib import Path\nfrom pipeline.atomic import atomic_write_json\n"
+              "from pipeline.storage import run_path\n"
+              "for version in json.loads(Path(sys.argv[2]).read_text()):\n"
+              "    atomic_write_json(run_path(sys.argv[1]), version)\n    time.sleep(0.01)\n")
+    writer = subprocess.Popen([sys.executable, "-c", script, target.uri, str(tmp_path / "versions.json")], cwd=ROOT,
+                              env=citer_env())
     seen = []
     try:
         while writer.poll() is None:
